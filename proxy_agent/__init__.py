@@ -1,0 +1,1 @@
+"""proxy-agent: the node side of the Konnectivity tunnel."""

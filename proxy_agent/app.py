@@ -1,0 +1,66 @@
+"""Composition root of proxy-agent.
+
+ROOT. `ProxyAgent` is what tests and the demo start in-process; `serve()` is what the
+command line runs: the first SIGTERM drains (DRAIN to every server, no new server
+connections, open connections may finish), a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from proxy_agent.config import AgentConfig
+from proxy_agent.metrics import AgentMetrics
+from proxy_agent.sessions import ClientSet
+from proxy_common.tasks import two_stage_signals
+
+log = logging.getLogger("proxy_agent")
+
+
+class ProxyAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.clients = ClientSet(config, self.metrics)
+
+    def open_connections(self) -> int:
+        return sum(len(s.endpoints) for s in self.clients.sessions.values())
+
+    async def run(self) -> None:
+        await self.clients.run()
+
+    async def wait_drained(self, grace: float) -> None:
+        """Wait until no endpoint connection is open, or `grace` seconds (0: forever)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace if grace > 0 else None
+        while self.open_connections() and (deadline is None or loop.time() < deadline):
+            await asyncio.sleep(0.1)
+
+
+async def serve(config: AgentConfig) -> int:
+    agent = ProxyAgent(config)
+    draining = asyncio.Event()
+
+    def first() -> None:
+        log.info("draining: DRAIN sent to every server, no new server connections")
+        agent.clients.drain()
+        draining.set()
+
+    def second() -> None:
+        log.info("second signal: exiting now")
+        os._exit(0)
+
+    log.info("proxy-agent starting agent_id=%s servers=%s", config.agent_id, config.server_targets())
+    with two_stage_signals(first, second):
+        runner = asyncio.create_task(agent.run(), name="agent-client-set")
+        await draining.wait()
+        await agent.wait_drained(config.drain_grace)
+        runner.cancel()
+        try:
+            await runner
+        except asyncio.CancelledError:
+            pass
+    log.info("proxy-agent stopped")
+    return 0

@@ -1,0 +1,220 @@
+"""Keep one stream to every proxy server: connect, de-duplicate by server ID, back off.
+
+SHELL. The sync loop follows the reference: a round opens one new Connect stream when the
+agent holds fewer streams than the server count (or always, with `--sync-forever`); a
+stream to a server ID already held is closed at once. Waits are `--sync-interval` plus
+jitter after a success, and exponential (x1.5, jitter, capped at `--sync-interval-cap`)
+after a failure. Unlike the reference, repeated duplicates back off too, and the reason
+is logged, so a server count larger than the reachable servers never becomes a tight
+reconnect loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from proxy_agent.config import AgentConfig
+from proxy_agent.metrics import AgentMetrics
+from proxy_agent.session import Session
+from proxy_common import metadata
+from proxy_common.errors import AuthError, TunnelBroken
+from proxy_common.streams import CONNECT_METHOD, ClientStream
+from proxy_common.tasks import race
+
+log = logging.getLogger("proxy_agent")
+
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+class ConnectFailed(Exception):
+    """A connection attempt to a server did not produce a usable stream."""
+
+
+class Backoff:
+    """Exponential back-off with jitter: base, x1.5 per failure, capped."""
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self.base, self.cap = base, cap
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def success(self) -> float:
+        self.failures = 0
+        return self.base * (1 + 0.1 * self._rng.random())
+
+    def failure(self) -> float:
+        delay = min(self.cap, self.base * 1.5**self.failures)
+        self.failures += 1
+        return min(self.cap, delay * (1 + 0.1 * self._rng.random()))
+
+
+def read_token(path: str) -> str:
+    """The projected service-account token, re-read on every connect (it rotates)."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise AuthError(f"cannot read service account token file {path}: {exc.strerror or exc}") from exc
+
+
+@dataclass(slots=True)
+class Connected:
+    server_id: str
+    server_count: int
+    channel: grpc.aio.Channel
+    stream: ClientStream
+
+
+class ServerConnector:
+    """Opens one authenticated Connect stream to one server address."""
+
+    def __init__(self, config: AgentConfig, host: str, port: int) -> None:
+        self.config = config
+        self.host, self.port = host, port
+        self._credentials = self._build_credentials()
+
+    def _build_credentials(self) -> grpc.ChannelCredentials:
+        c = self.config
+        key = Path(c.agent_key).read_bytes() if c.agent_key else None
+        cert = Path(c.agent_cert).read_bytes() if c.agent_cert else None
+        return grpc.ssl_channel_credentials(Path(c.ca_cert).read_bytes(), key, cert)
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        c = self.config
+        md = [(metadata.AGENT_ID, c.agent_id), (metadata.AGENT_IDENTIFIERS, c.agent_identifiers)]
+        if c.service_account_token_path:
+            md.append((metadata.AUTHORIZATION, metadata.BEARER_PREFIX + read_token(c.service_account_token_path)))
+        return md
+
+    async def connect(self) -> Connected:
+        c = self.config
+        md = self._metadata()
+        target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", int(c.keepalive_time * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.use_local_subchannel_pool", 1),  # a fresh TCP connection per stream
+            ("grpc.enable_retries", 0),
+        ]
+        channel = grpc.aio.secure_channel(target, self._credentials, options=options)
+        try:
+            call = channel.stream_stream(CONNECT_METHOD)(metadata=md, wait_for_ready=False)
+            async with asyncio.timeout(c.connect_timeout):
+                headers = await call.initial_metadata()
+            server_id = metadata.single(headers, metadata.SERVER_ID)
+            count_text = metadata.single(headers, metadata.SERVER_COUNT)
+            if server_id is None or count_text is None:
+                code = await call.code()
+                details = await call.details()
+                raise ConnectFailed(f"server refused the stream: {code.name} {details!s}")
+            try:
+                count = int(count_text)
+            except ValueError:
+                raise ConnectFailed(f"invalid servercount {count_text!r}") from None
+            return Connected(server_id, count, channel, ClientStream(call))
+        except TimeoutError:
+            await channel.close()
+            raise ConnectFailed(f"no answer from {target} within {c.connect_timeout}s") from None
+        except grpc.aio.AioRpcError as exc:
+            await channel.close()
+            raise ConnectFailed(f"{exc.code().name}: {exc.details()}") from exc
+        except BaseException:
+            await channel.close()
+            raise
+
+
+class ClientSet:
+    """All of the agent's server streams, kept at the server count."""
+
+    def __init__(self, config: AgentConfig, metrics: AgentMetrics, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.sessions: dict[str, Session] = {}
+        self.last_server_count = 1
+        self.draining = False
+        self._rng = rng or random.Random()
+        self._connectors = [ServerConnector(config, host, port) for host, port in config.server_targets()]
+        self._next_target = 0
+
+    @property
+    def target_count(self) -> int:
+        return max(1, self.last_server_count, len(self._connectors))
+
+    def is_connected(self) -> bool:
+        return bool(self.sessions)
+
+    async def run(self) -> None:
+        """The sync loop: run until cancelled."""
+        backoff = Backoff(self.config.sync_interval, self.config.sync_interval_cap, self._rng)
+        async with asyncio.TaskGroup() as group:
+            while True:
+                delay = backoff.base
+                if not self.draining and (self.config.sync_forever or len(self.sessions) < self.target_count):
+                    delay = await self._sync_once(group, backoff)
+                await self._wait(delay)
+
+    def drain(self) -> None:
+        """First SIGTERM: DRAIN on every stream, no new server connections."""
+        self.draining = True
+        for session in list(self.sessions.values()):
+            session.send_drain()
+
+    async def _sync_once(self, group: asyncio.TaskGroup, backoff: Backoff) -> float:
+        connector = self._connectors[self._next_target % len(self._connectors)]
+        self._next_target += 1
+        try:
+            connected = await connector.connect()
+        except (ConnectFailed, AuthError, TunnelBroken) as exc:
+            delay = backoff.failure()
+            log.warning("cannot connect to proxy server address=%s:%d error=%s retry_in=%.1fs",
+                        connector.host, connector.port, exc, delay)
+            return delay
+        if connected.server_id in self.sessions:
+            await connected.channel.close()
+            delay = backoff.failure() if not self.config.sync_forever else backoff.success()
+            log.info("duplicate server, connection closed server_id=%s holding=%d want=%d retry_in=%.1fs",
+                     connected.server_id, len(self.sessions), self.target_count, delay)
+            return delay
+        self.last_server_count = max(connected.server_count, 1)
+        self.metrics.known_server_count.set(self.target_count)
+        session = Session(connected.stream, self.config, self.metrics, server_id=connected.server_id)
+        self.sessions[connected.server_id] = session
+        self.metrics.open_server_connections.set(len(self.sessions))
+        group.create_task(self._serve(session, connected), name=f"session server_id={connected.server_id}")
+        log.info("connected to proxy server server_id=%s server_count=%d", connected.server_id, connected.server_count)
+        return backoff.success()
+
+    async def _serve(self, session: Session, connected: Connected) -> None:
+        try:
+            await race(
+                session.run(),
+                self._probe(session, connected.channel),
+                names=(f"session-run server_id={session.server_id}", f"session-probe server_id={session.server_id}"),
+            )
+        finally:
+            self.sessions.pop(session.server_id, None)
+            self.metrics.open_server_connections.set(len(self.sessions))
+            await connected.channel.close()
+            log.info("disconnected from proxy server server_id=%s", session.server_id)
+
+    async def _probe(self, session: Session, channel: grpc.aio.Channel) -> None:
+        """End the session when its channel is no longer READY (the reference's probe)."""
+        while True:
+            await asyncio.sleep(self.config.probe_interval)
+            state = channel.get_state(try_to_connect=False)
+            if state is not grpc.ChannelConnectivity.READY:
+                log.info("server connection not ready, closing server_id=%s state=%s", session.server_id, state.name)
+                return
+
+    @staticmethod
+    async def _wait(delay: float) -> None:
+        await asyncio.sleep(delay)

@@ -1,0 +1,121 @@
+"""A bounded FIFO between producers and exactly one consumer task.
+
+SHELL (asyncio). Used for every gRPC stream's outgoing messages and for every
+connection's bytes on their way to a socket. Items have a size (payload bytes); control
+items have size 0 and always fit, so a close can never be refused for lack of room.
+Order is strictly FIFO, so a close queued after data is delivered after it.
+
+Backpressure policy: a producer that may wait (a frontend reader feeding an agent stream,
+an endpoint reader feeding a server stream) awaits `put()`, which waits for room. A
+producer that must not wait for one connection (the shared reader of an agent stream)
+uses `put_within()`, which waits at most a bounded time and reports failure, so that
+the caller closes that one connection instead of stalling the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class MailboxClosed(Exception):
+    """Raised by put() after close(): the consumer is gone or finishing."""
+
+
+class Mailbox(Generic[T]):
+    def __init__(self, max_bytes: int, size_of: Callable[[T], int]) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self._size_of = size_of
+        self._items: deque[T] = deque()
+        self._bytes = 0
+        self._closed = False
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def has_room(self) -> bool:
+        return self._bytes < self.max_bytes
+
+    def force(self, item: T) -> None:
+        """Append regardless of the byte cap (control messages, or a first oversized item)."""
+        if self._closed:
+            return
+        size = self._size_of(item)
+        self._items.append(item)
+        self._bytes += size
+        self._readable.set()
+        if self._bytes >= self.max_bytes:
+            self._room.clear()
+
+    def offer(self, item: T) -> bool:
+        """Append if there is room now; False otherwise (nothing is appended)."""
+        if self._closed:
+            raise MailboxClosed
+        if self._bytes >= self.max_bytes:
+            return False
+        self.force(item)
+        return True
+
+    async def put(self, item: T) -> None:
+        """Wait for room, then append. Raises MailboxClosed once the mailbox is closed."""
+        while not self.offer(item):
+            await self._room.wait()
+
+    async def put_within(self, item: T, seconds: float) -> bool:
+        """Like put(), but give up after `seconds` and return False."""
+        if self.offer(item):
+            return True
+        try:
+            async with asyncio.timeout(seconds):
+                await self.put(item)
+        except TimeoutError:
+            return False
+        return True
+
+    async def get(self) -> T | None:
+        """The next item, or None once closed and empty."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        return self._take()
+
+    def get_nowait(self) -> T | None:
+        return self._take() if self._items else None
+
+    def close(self) -> None:
+        """No more items will be accepted; the consumer drains what is queued, then gets None."""
+        self._closed = True
+        self._readable.set()
+        self._room.set()
+
+    def clear(self) -> None:
+        """Drop everything queued (the consumer is gone)."""
+        self._items.clear()
+        self._bytes = 0
+        self._room.set()
+
+    def _take(self) -> T:
+        item = self._items.popleft()
+        self._bytes -= self._size_of(item)
+        if self._bytes < self.max_bytes:
+            self._room.set()
+        return item

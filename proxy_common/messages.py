@@ -1,0 +1,85 @@
+"""Typed tunnel messages, one frozen dataclass per `Packet` payload.
+
+PURE. These are what every module except `wire.py` works with. Field names use the
+project's vocabulary: `dial_id` is the wire's `random`, `conn_id` the wire's `connectID`.
+Payload bytes never appear in a repr, so they cannot reach a log line by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DialRequest:
+    """Open a TCP connection to `address` (DIAL_REQ)."""
+
+    dial_id: int
+    address: str
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class DialResponse:
+    """Outcome of a dial (DIAL_RSP): `error` empty and `conn_id` non-zero on success."""
+
+    dial_id: int
+    conn_id: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Payload bytes for one connection (DATA)."""
+
+    conn_id: int
+    data: bytes
+    error: str = ""
+
+    def __repr__(self) -> str:
+        return f"Data(conn_id={self.conn_id}, {len(self.data)} bytes)"
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequest:
+    """Ask for an established connection to be closed (CLOSE_REQ)."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseResponse:
+    """A connection is closed (CLOSE_RSP), as a reply or because the remote end closed."""
+
+    conn_id: int
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseDial:
+    """Abandon a dial that has no conn_id yet (DIAL_CLS)."""
+
+    dial_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Agent to server: avoid me for new dials (DRAIN)."""
+
+
+Message = DialRequest | DialResponse | Data | CloseRequest | CloseResponse | CloseDial | Drain
+
+PACKET_TYPE_NAMES: dict[type[Message], str] = {
+    DialRequest: "DIAL_REQ",
+    DialResponse: "DIAL_RSP",
+    CloseRequest: "CLOSE_REQ",
+    CloseResponse: "CLOSE_RSP",
+    Data: "DATA",
+    CloseDial: "DIAL_CLS",
+    Drain: "DRAIN",
+}
+
+
+def packet_type_name(message: Message) -> str:
+    """The reference's enum name for a message, as used in metric labels."""
+    return PACKET_TYPE_NAMES[type(message)]

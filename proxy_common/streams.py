@@ -1,0 +1,77 @@
+"""gRPC stream adapters: the only place the data path touches grpc objects.
+
+SHELL. Both adapters move serialized `Packet` bytes (the gRPC methods are registered with
+no serializers) and convert with `wire`, and translate grpc's end-of-stream and errors into
+`TunnelClosed` / `TunnelBroken`. Cancellation passes through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+
+from proxy_common import wire
+from proxy_common.errors import TunnelBroken, TunnelClosed
+from proxy_common.messages import Message
+
+PROXY_METHOD = "/ProxyService/Proxy"
+CONNECT_METHOD = "/AgentService/Connect"
+
+
+class PacketStream(Protocol):
+    async def send(self, message: Message) -> None: ...
+    async def receive(self) -> Message: ...
+
+
+class ServerStream:
+    """One stream seen from the servicer side (a grpc.aio ServicerContext)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    async def receive(self) -> Message:
+        raw = await self._context.read()
+        if raw is grpc.aio.EOF:
+            raise TunnelClosed("peer closed its side")
+        return wire.decode(raw)
+
+    async def send(self, message: Message) -> None:
+        await self._context.write(wire.encode(message))
+
+    async def send_raw(self, raw: bytes) -> None:
+        await self._context.write(raw)
+
+
+class ClientStream:
+    """One stream seen from the calling side (a grpc.aio StreamStreamCall)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        self.call = call
+
+    async def receive(self) -> Message:
+        try:
+            raw = await self.call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        if raw is grpc.aio.EOF:
+            raise TunnelClosed("server ended the stream")
+        return wire.decode(raw)
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self.call.write(wire.encode(message))
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        except grpc.aio.UsageError as exc:  # the call already finished
+            raise TunnelClosed(str(exc)) from exc
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+def _translate(exc: grpc.aio.AioRpcError) -> Exception:
+    if exc.code() is grpc.StatusCode.CANCELLED:
+        return TunnelClosed("stream cancelled")
+    return TunnelBroken(exc.code().name, exc.details() or "")

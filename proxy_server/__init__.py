@@ -1,0 +1,1 @@
+"""proxy-server: the control-plane side of the Konnectivity tunnel."""

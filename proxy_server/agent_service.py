@@ -1,0 +1,110 @@
+"""AgentService.Connect: one agent stream, registered as a backend while it lasts.
+
+SHELL. The first lines of `connect` are the whole admission policy: exactly one `agentid`,
+at most one parsable `agentidentifiers`, then authentication. Only after that are the
+`serverid`/`servercount` response headers sent, at once, because the Go agent waits for
+them with no timeout. From then on one reader feeds the switchboard and one writer
+drains this backend's mailbox; when either ends, the backend's dials and connections are
+failed or closed toward their frontends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from proxy_common import identifiers, metadata
+from proxy_common.errors import AuthError, MalformedPacket, TunnelClosed
+from proxy_common.streams import ServerStream
+from proxy_common.tasks import first_error, race
+from proxy_server.switchboard import Link, Switchboard
+
+log = logging.getLogger("proxy_server.agents")
+
+Authenticator = Callable[[metadata.Metadata], Awaitable[None]]
+
+
+class AgentServicer:
+    def __init__(
+        self,
+        board: Switchboard,
+        *,
+        server_id: str,
+        server_count: int,
+        authenticate: Authenticator | None = None,
+    ) -> None:
+        self.board = board
+        self.server_id = server_id
+        self.server_count = server_count
+        self.authenticate = authenticate
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(self.connect)
+        return grpc.method_handlers_generic_handler("AgentService", {"Connect": method})
+
+    async def connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        md = tuple(context.invocation_metadata() or ())
+        agent_id = metadata.single(md, metadata.AGENT_ID)
+        if agent_id is None:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected exactly one agentid header")
+        ids_values = metadata.values(md, metadata.AGENT_IDENTIFIERS)
+        if len(ids_values) > 1:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected at most one agentidentifiers header")
+        try:
+            agent_ids = identifiers.parse(ids_values[0] if ids_values else "")
+        except identifiers.IdentifierError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid agentidentifiers: {exc}")
+        if self.authenticate is not None:
+            try:
+                await self.authenticate(md)
+            except AuthError as exc:
+                log.warning("agent refused agent_id=%s peer=%s reason=%s", agent_id, context.peer(), exc)
+                await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        await context.send_initial_metadata(
+            ((metadata.SERVER_ID, self.server_id), (metadata.SERVER_COUNT, str(self.server_count)))
+        )
+        assert agent_id is not None
+        await self._serve(context, agent_id, agent_ids)
+
+    async def _serve(
+        self, context: grpc.aio.ServicerContext[Any, Any], agent_id: str, agent_ids: identifiers.AgentIdentifiers
+    ) -> None:
+        metrics = self.board.metrics
+        label = f"agent_id={agent_id} peer={context.peer()}"
+        backend_id, link = self.board.open_backend(agent_id, agent_ids, label)
+        metrics.grpc_connections.labels("Connect").inc()
+        log.info("agent connected %s backend_id=%d", label, backend_id)
+        stream = ServerStream(context)
+        try:
+            await race(
+                self._read_loop(stream, backend_id),
+                self._write_loop(stream, link),
+                names=(f"agent-reader {label}", f"agent-writer {label}"),
+            )
+        except* MalformedPacket as group:
+            log.warning("malformed packet from agent, ending stream %s error=%s", label, first_error(group))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first_error(group)))
+        finally:
+            self.board.close_backend(backend_id)
+            metrics.grpc_connections.labels("Connect").dec()
+            log.info("agent disconnected %s backend_id=%d", label, backend_id)
+
+    async def _read_loop(self, stream: ServerStream, backend_id: int) -> None:
+        while True:
+            try:
+                message = await stream.receive()
+            except TunnelClosed:
+                return
+            await self.board.from_agent(backend_id, message)
+
+    async def _write_loop(self, stream: ServerStream, link: Link) -> None:
+        while (message := await link.mailbox.get()) is not None:
+            await stream.send(message)
+
+    @staticmethod
+    async def _refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, reason: str) -> None:
+        await context.abort(code, reason)

@@ -1,0 +1,177 @@
+"""Composition root of proxy-server: builds the router and listeners and runs them.
+
+ROOT. `ProxyServer` is what tests and the demo start in-process; `serve()` is what the
+command line runs (signals, exit status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from proxy_common.errors import ConfigError
+from proxy_common.tasks import two_stage_signals
+from proxy_server.agent_service import AgentServicer, Authenticator
+from proxy_server.backends import BackendRegistry
+from proxy_server.config import ServerConfig
+from proxy_server.frontend_service import ProxyServicer
+from proxy_server.metrics import ServerMetrics
+from proxy_server.router import Router
+from proxy_server.switchboard import Switchboard
+
+log = logging.getLogger("proxy_server")
+
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+def grpc_address(host: str, port: int) -> str:
+    if not host:
+        return f"[::]:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def prepare_uds(path: str, delete_existing: bool) -> None:
+    """Make room for the frontend socket, refusing to touch anything but a stale socket."""
+    target = Path(path)
+    if not target.exists() and not target.is_symlink():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(target.lstat().st_mode):
+        raise ConfigError([f"--uds-name {path} exists and is not a socket; refusing to replace it"])
+    if not delete_existing:
+        raise ConfigError([f"--uds-name {path} already exists (use --delete-existing-uds-file)"])
+    target.unlink()
+
+
+class ProxyServer:
+    """proxy-server's listeners around one switchboard."""
+
+    def __init__(self, config: ServerConfig, *, authenticate: Authenticator | None = None) -> None:
+        self.config = config
+        self.metrics = ServerMetrics(config.proxy_strategies)
+        self.registry = BackendRegistry(config.proxy_strategies)
+        self.router = Router(self.registry)
+        self.board = Switchboard(
+            self.router,
+            self.metrics,
+            frontend_buffer_bytes=config.frontend_buffer_bytes,
+            overflow_wait=config.overflow_wait,
+        )
+        self.authenticate = authenticate
+        self.agent_port = 0
+        self.frontend_port = 0
+        self._servers: list[grpc.aio.Server] = []
+        self._uds_created = False
+
+    async def start(self) -> None:
+        await self._start_agent_listener()
+        if self.config.mode == "grpc":
+            await self._start_grpc_frontend()
+        else:
+            raise ConfigError([f"--mode={self.config.mode} is not available in this build"])
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, end every stream (after `grace` seconds at most), remove the socket."""
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        self._servers.clear()
+        if self._uds_created:
+            Path(self.config.uds_name).unlink(missing_ok=True)
+            self._uds_created = False
+
+    async def _start_agent_listener(self) -> None:
+        c = self.config
+        server = grpc.aio.server(options=self._agent_options())
+        server.add_generic_rpc_handlers(
+            (AgentServicer(self.board, server_id=c.server_id, server_count=c.server_count,
+                           authenticate=self.authenticate).handler(),)
+        )
+        ca = _read(c.cluster_ca_cert) if c.cluster_ca_cert else None
+        credentials = grpc.ssl_server_credentials(
+            [(_read(c.cluster_key), _read(c.cluster_cert))], root_certificates=ca, require_client_auth=ca is not None
+        )
+        self.agent_port = server.add_secure_port(grpc_address(c.agent_bind_address, c.agent_port), credentials)
+        await server.start()
+        self._servers.append(server)
+        log.info("agent port listening address=%s mtls=%s", grpc_address(c.agent_bind_address, self.agent_port), ca is not None)
+
+    async def _start_grpc_frontend(self) -> None:
+        c = self.config
+        server = grpc.aio.server(options=self._frontend_options())
+        server.add_generic_rpc_handlers((ProxyServicer(self.board).handler(),))
+        if c.uds_name:
+            prepare_uds(c.uds_name, c.delete_existing_uds_file)
+            mode = 0o660 if c.uds_group_access else 0o600
+            old = os.umask(0o777 & ~mode)
+            try:
+                server.add_insecure_port(f"unix:{c.uds_name}")
+                await server.start()
+            finally:
+                os.umask(old)
+            os.chmod(c.uds_name, mode)
+            self._uds_created = True
+            log.info("frontend listening mode=grpc uds=%s", c.uds_name)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(_read(c.server_key), _read(c.server_cert))],
+                root_certificates=_read(c.server_ca_cert),
+                require_client_auth=True,
+            )
+            address = grpc_address(c.server_bind_address, c.server_port)
+            self.frontend_port = server.add_secure_port(address, credentials)
+            await server.start()
+            log.info("frontend listening mode=grpc address=%s mtls=true", grpc_address(c.server_bind_address, self.frontend_port))
+        self._servers.append(server)
+
+    def _agent_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", int(self.config.keepalive_time * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    def _frontend_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", int(self.config.frontend_keepalive_time * 1000)),
+        ]
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; a second signal exits at once with status 1."""
+    server = ProxyServer(config)
+    stopping = asyncio.Event()
+    exit_code = 0
+
+    def second() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        os._exit(1)
+
+    with two_stage_signals(stopping.set, second):
+        try:
+            await server.start()
+        except ConfigError as exc:
+            log.error("cannot start: %s", exc)
+            await server.stop(0)
+            return 2
+        log.info("proxy-server running server_id=%s server_count=%d", config.server_id, config.server_count)
+        await stopping.wait()
+        log.info("stopping grace_seconds=%s", config.graceful_shutdown_timeout)
+        await server.stop(config.graceful_shutdown_timeout)
+    return exit_code

@@ -1,0 +1,129 @@
+"""ServerConfig: every proxy-server setting, with the reference's defaults.
+
+DATA. Field names are the reference's flag names in snake_case; durations are seconds.
+`validate()` reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy_common.errors import ConfigError
+from proxy_server.backends import STRATEGIES
+
+MODES = ("grpc", "http-connect")
+TLS_VERSIONS = ("", "VersionTLS10", "VersionTLS11", "VersionTLS12", "VersionTLS13")
+
+
+def default_server_id() -> str:
+    return os.environ.get("PROXY_SERVER_ID") or str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    mode: str = "grpc"
+    uds_name: str = ""
+    delete_existing_uds_file: bool = True
+    uds_group_access: bool = False
+    server_port: int = 8090
+    server_bind_address: str = ""
+    server_cert: str = ""
+    server_key: str = ""
+    server_ca_cert: str = ""
+    agent_port: int = 8091
+    agent_bind_address: str = ""
+    cluster_cert: str = ""
+    cluster_key: str = ""
+    cluster_ca_cert: str = ""
+    admin_port: int = 8095
+    admin_bind_address: str = "127.0.0.1"
+    health_port: int = 8092
+    health_bind_address: str = ""
+    keepalive_time: float = 3600.0
+    frontend_keepalive_time: float = 3600.0
+    server_id: str = field(default_factory=default_server_id)
+    server_count: int = 1
+    agent_namespace: str = ""
+    agent_service_account: str = ""
+    authentication_audience: str = ""
+    kubeconfig: str = ""
+    kubeconfig_qps: float = 0.0
+    kubeconfig_burst: int = 0
+    kube_api_content_type: str = "application/vnd.kubernetes.protobuf"
+    proxy_strategies: tuple[str, ...] = ("default",)
+    cipher_suites: tuple[str, ...] = ()
+    tls_min_version: str = ""
+    xfr_channel_size: int = 10
+    enable_lease_controller: bool = False
+    lease_namespace: str = "kube-system"
+    lease_label: str = "k8s-app=konnectivity-server"
+    graceful_shutdown_timeout: float = 0.0
+    backend_dial_timeout: float = 0.0
+    enable_profiling: bool = False
+    enable_contention_profiling: bool = False
+    # Our own settings (no reference equivalent).
+    frontend_buffer_bytes: int = 4 << 20
+    overflow_wait: float = 5.0
+    frontend_header_timeout: float = 60.0
+
+    @property
+    def token_auth(self) -> bool:
+        return bool(self.agent_namespace)
+
+    def validate(self) -> None:
+        problems: list[str] = []
+        if self.mode not in MODES:
+            problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.uds_name:
+            if self.server_port != 0:
+                problems.append("--server-port must be 0 when --uds-name is set")
+            if self.server_cert or self.server_key or self.server_ca_cert:
+                problems.append("--server-cert/--server-key/--server-ca-cert cannot be used with --uds-name")
+        else:
+            for flag, value in (("--server-cert", self.server_cert), ("--server-key", self.server_key),
+                                ("--server-ca-cert", self.server_ca_cert)):
+                if not value:
+                    problems.append(f"{flag} is required for the TCP frontend (no --uds-name)")
+        for flag, value in (("--cluster-cert", self.cluster_cert), ("--cluster-key", self.cluster_key)):
+            if not value:
+                problems.append(f"{flag} is required (the agent port always uses TLS)")
+        for flag, value in self._files():
+            if value and not Path(value).is_file():
+                problems.append(f"{flag}: no such file {value!r}")
+        problems += self._auth_problems()
+        if self.server_count < 0:
+            problems.append("--server-count must not be negative")
+        if self.xfr_channel_size <= 0:
+            problems.append("--xfr-channel-size must be positive")
+        if not self.proxy_strategies:
+            problems.append("--proxy-strategies must name at least one strategy")
+        unknown = [s for s in self.proxy_strategies if s not in STRATEGIES]
+        if unknown:
+            problems.append(f"unknown --proxy-strategies {unknown}; known: {', '.join(STRATEGIES)}")
+        if self.tls_min_version not in TLS_VERSIONS:
+            problems.append(f"--tls-min-version must be one of {', '.join(v for v in TLS_VERSIONS if v)}")
+        if self.enable_contention_profiling and not self.enable_profiling:
+            problems.append("--enable-contention-profiling requires --enable-profiling")
+        if self.frontend_buffer_bytes <= 0:
+            problems.append("--frontend-buffer-bytes must be positive")
+        if problems:
+            raise ConfigError(problems)
+
+    def _files(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("--server-cert", self.server_cert), ("--server-key", self.server_key),
+            ("--server-ca-cert", self.server_ca_cert), ("--cluster-cert", self.cluster_cert),
+            ("--cluster-key", self.cluster_key), ("--cluster-ca-cert", self.cluster_ca_cert),
+            ("--kubeconfig", self.kubeconfig),
+        )
+
+    def _auth_problems(self) -> list[str]:
+        given = [self.agent_namespace, self.agent_service_account, self.authentication_audience]
+        if any(given) and not all(given):
+            return ["--agent-namespace, --agent-service-account and --authentication-audience go together"]
+        if all(given) and self.cluster_ca_cert:
+            return ["token authentication (--agent-namespace) and --cluster-ca-cert are exclusive"]
+        return []

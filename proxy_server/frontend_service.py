@@ -1,0 +1,68 @@
+"""ProxyService.Proxy: one konnectivity-client stream, one dial.
+
+SHELL. One reader task and one writer task per stream. The reader hands every packet to
+the switchboard (and waits only when the agent stream is full); the writer drains the
+frontend's mailbox into the stream and ends it once the router says the tunnel is over.
+Nothing is tied to the HTTP/2 connection: a reusable-tunnel client may run many of these
+streams on one connection at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from proxy_common.errors import MalformedPacket, TunnelClosed
+from proxy_common.streams import ServerStream
+from proxy_common.tasks import first_error, race
+from proxy_server.switchboard import Link, Switchboard
+
+log = logging.getLogger("proxy_server.frontend")
+
+
+class ProxyServicer:
+    def __init__(self, board: Switchboard) -> None:
+        self.board = board
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(self.proxy)
+        return grpc.method_handlers_generic_handler("ProxyService", {"Proxy": method})
+
+    async def proxy(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        metrics = self.board.metrics
+        frontend_id, link = self.board.open_frontend(f"proxy-stream peer={context.peer()}")
+        metrics.grpc_connections.labels("Proxy").inc()
+        stream = ServerStream(context)
+        try:
+            await race(
+                self._read_loop(stream, frontend_id),
+                self._write_loop(stream, link),
+                names=(f"frontend-reader id={frontend_id}", f"frontend-writer id={frontend_id}"),
+            )
+        except* MalformedPacket as group:
+            log.warning("malformed packet from frontend, ending stream error=%s", first_error(group))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first_error(group)))
+        finally:
+            self.board.close_frontend(frontend_id)
+            metrics.grpc_connections.labels("Proxy").dec()
+
+    async def _read_loop(self, stream: ServerStream, frontend_id: int) -> None:
+        while True:
+            try:
+                message = await stream.receive()
+            except TunnelClosed:
+                return
+            await self.board.from_frontend(frontend_id, message)
+
+    async def _write_loop(self, stream: ServerStream, link: Link) -> None:
+        metrics = self.board.metrics
+        observe = metrics.frontend_write_duration.observe
+        while (message := await link.mailbox.get()) is not None:
+            started = time.perf_counter()
+            await stream.send(message)
+            observe(time.perf_counter() - started)
+            metrics.packet("to_client", message)

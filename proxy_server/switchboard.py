@@ -1,0 +1,202 @@
+"""Carries out the router's actions: the server's single executor of routing decisions.
+
+SHELL. Frontends (gRPC Proxy streams, HTTP-CONNECT sockets) and backends (agent Connect
+streams) register a *link* here: a mailbox drained by that stream's one writer task.
+Readers report what they received; the router decides; this module delivers.
+
+Backpressure: DATA from a frontend to an agent waits for room in the agent's mailbox, so
+a busy agent stream slows its frontends' readers (and, through HTTP/2, their clients).
+DATA from an agent to a frontend waits at most `overflow_wait` seconds for room in that
+frontend's mailbox; past that, only that connection is closed (metric reason `overflow`),
+so one client that stops reading cannot hold up the agent's other connections for longer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from proxy_common.mailbox import Mailbox, MailboxClosed
+from proxy_common.messages import Data, Message, packet_type_name
+from proxy_server import router as r
+from proxy_server.metrics import ServerMetrics
+
+log = logging.getLogger("proxy_server")
+
+
+def message_size(message: Message) -> int:
+    return len(message.data) if type(message) is Data else 0
+
+
+@dataclass(slots=True)
+class Link:
+    """The sending side of one stream: its mailbox and what to call it in logs."""
+
+    mailbox: Mailbox[Message]
+    label: str
+    opened: float = field(default_factory=time.monotonic)
+
+
+class Switchboard:
+    def __init__(
+        self,
+        router: r.Router,
+        metrics: ServerMetrics,
+        *,
+        frontend_buffer_bytes: int = 4 << 20,
+        agent_buffer_bytes: int = 4 << 20,
+        overflow_wait: float = 5.0,
+    ) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.frontend_buffer_bytes = frontend_buffer_bytes
+        self.agent_buffer_bytes = agent_buffer_bytes
+        self.overflow_wait = overflow_wait
+        self.frontends: dict[int, Link] = {}
+        self.backends: dict[int, Link] = {}
+        self._ids = itertools.count(1)
+        self._dial_started: dict[int, float] = {}
+        self._conn_started: dict[tuple[int, int], float] = {}
+
+    # ------------------------------------------------------------- registration
+    def open_frontend(self, label: str) -> tuple[int, Link]:
+        frontend_id = next(self._ids)
+        link = Link(Mailbox(self.frontend_buffer_bytes, message_size), label)
+        self.frontends[frontend_id] = link
+        self.router.frontend_opened(frontend_id)
+        return frontend_id, link
+
+    def close_frontend(self, frontend_id: int) -> None:
+        """The frontend is gone (normally or not): release everything it held."""
+        link = self.frontends.pop(frontend_id, None)
+        if link is not None:
+            link.mailbox.close()
+            link.mailbox.clear()
+        self.execute_now(self.router.frontend_lost(frontend_id))
+
+    def open_backend(self, agent_id: str, identifiers: r.AgentIdentifiers, label: str) -> tuple[int, Link]:
+        backend_id = next(self._ids)
+        link = Link(Mailbox(self.agent_buffer_bytes, message_size), label)
+        self.backends[backend_id] = link
+        self.router.agent_connected(backend_id, agent_id, identifiers)
+        self._update_backend_gauges()
+        return backend_id, link
+
+    def close_backend(self, backend_id: int) -> None:
+        link = self.backends.pop(backend_id, None)
+        if link is not None:
+            link.mailbox.close()
+            link.mailbox.clear()
+        self.execute_now(self.router.agent_lost(backend_id))
+        self._update_backend_gauges()
+
+    # ---------------------------------------------------------------- happenings
+    async def from_frontend(self, frontend_id: int, message: Message) -> None:
+        self.metrics.packet("from_client", message)
+        await self.execute(self.router.from_frontend(frontend_id, message))
+
+    async def from_agent(self, backend_id: int, message: Message) -> None:
+        self.metrics.packet("from_agent", message)
+        await self.execute(self.router.from_agent(backend_id, message))
+        if type(message) is not Data:
+            self._update_backend_gauges()
+
+    # ----------------------------------------------------------------- execution
+    async def execute(self, actions: Iterable[r.Action]) -> None:
+        """Carry out actions in order; only DATA deliveries may wait."""
+        for action in actions:
+            if type(action) is r.SendToAgent and type(action.message) is Data:
+                await self._data_to_agent(action.backend_id, action.message)
+            elif type(action) is r.SendToFrontend and type(action.message) is Data:
+                await self._data_to_frontend(action.frontend_id, action.message)
+            else:
+                self._carry_out(action)
+
+    def execute_now(self, actions: Iterable[r.Action]) -> None:
+        """Carry out actions that never wait (cleanup paths)."""
+        for action in actions:
+            self._carry_out(action)
+
+    async def _data_to_agent(self, backend_id: int, data: Data) -> None:
+        link = self.backends.get(backend_id)
+        if link is None:
+            return
+        try:
+            await link.mailbox.put(data)
+        except MailboxClosed:
+            return
+        self.metrics.packet("to_agent", data)
+
+    async def _data_to_frontend(self, frontend_id: int, data: Data) -> None:
+        link = self.frontends.get(frontend_id)
+        if link is None:
+            return
+        try:
+            delivered = await link.mailbox.put_within(data, self.overflow_wait)
+        except MailboxClosed:
+            return
+        if delivered:
+            return
+        log.warning(
+            "frontend stopped reading, closing its connection frontend=%s wait_seconds=%s",
+            link.label,
+            self.overflow_wait,
+        )
+        self.metrics.overflow_closed()
+        self.execute_now(self.router.frontend_overflowed(frontend_id))
+
+    def _carry_out(self, action: r.Action) -> None:
+        match action:
+            case r.SendToAgent(backend_id=backend_id, message=message):
+                link = self.backends.get(backend_id)
+                if link is not None:
+                    link.mailbox.force(message)
+                    self.metrics.packet("to_agent", message)
+            case r.SendToFrontend(frontend_id=frontend_id, message=message):
+                link = self.frontends.get(frontend_id)
+                if link is not None and not link.mailbox.closed:
+                    link.mailbox.force(message)
+            case r.EndFrontend(frontend_id=frontend_id):
+                link = self.frontends.get(frontend_id)
+                if link is not None:
+                    link.mailbox.close()
+            case _:
+                self._observe(action)
+        self.metrics.tables(self.router.pending_count, self.router.established_count)
+
+    def _observe(self, action: r.Action) -> None:
+        now = time.monotonic()
+        match action:
+            case r.DialForwarded(dial_id=dial_id, backend_id=backend_id):
+                self._dial_started[dial_id] = now
+                log.debug("dial forwarded dial_id=%d agent=%s", dial_id, self._label(backend_id))
+            case r.DialEstablished(dial_id=dial_id, backend_id=backend_id, conn_id=conn_id):
+                started = self._dial_started.pop(dial_id, now)
+                self.metrics.dial_succeeded(now - started)
+                self._conn_started[(backend_id, conn_id)] = now
+                log.debug(
+                    "connection established dial_id=%d conn_id=%d agent=%s",
+                    dial_id, conn_id, self._label(backend_id),
+                )
+            case r.DialFailed(dial_id=dial_id, reason=reason):
+                self._dial_started.pop(dial_id, None)
+                self.metrics.dial_failed(reason)
+                log.info("dial failed dial_id=%d reason=%s", dial_id, reason)
+            case r.ConnectionClosed(backend_id=backend_id, conn_id=conn_id, reason=reason):
+                started = self._conn_started.pop((backend_id, conn_id), now)
+                self.metrics.connection_closed(now - started)
+                log.debug("connection closed conn_id=%d agent=%s reason=%s", conn_id, self._label(backend_id), reason)
+            case r.Discard(message=message, reason=reason):
+                log.debug("packet ignored type=%s reason=%s", packet_type_name(message), reason)
+            case _:
+                raise AssertionError(f"unhandled action {action!r}")
+
+    def _label(self, backend_id: int) -> str:
+        link = self.backends.get(backend_id)
+        return link.label if link else f"backend-{backend_id}"
+
+    def _update_backend_gauges(self) -> None:
+        self.metrics.backends(self.router.registry.key_counts())
