@@ -1,0 +1,274 @@
+"""Test harness: real servers, agents and endpoints on loopback, and leak accounting.
+
+Everything here is real: grpc.aio servers on Unix and TCP sockets, TLS with certificates
+made per test session, TCP endpoints served by asyncio. Helpers wait for conditions with
+a deadline; none sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from proxy_agent.app import ProxyAgent
+from proxy_agent.config import AgentConfig
+from proxy_common.certs import DemoPki
+from proxy_server.app import ProxyServer
+from proxy_server.config import ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_for(predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` until true; fail with `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def socket_fds() -> set[str]:
+    """Inodes of this process's open TCP sockets and named Unix sockets.
+
+    Unnamed Unix socket pairs are left out: grpc's C core keeps a few for its own event
+    engine, created and closed on its own schedule, and they carry no traffic of ours.
+    """
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add(target)
+    return {name for name in found if name[len("socket:[") : -1] in _tracked_inodes()}
+
+
+def _tracked_inodes() -> set[str]:
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as handle:
+            next(handle)
+            inodes.update(line.split()[9] for line in handle)
+    with open("/proc/net/unix") as handle:
+        next(handle)
+        inodes.update(fields[6] for fields in map(str.split, handle) if len(fields) > 7)
+    return inodes
+
+
+def describe_sockets(sockets: set[str]) -> list[str]:
+    """What /proc/net says about the given socket inodes (for leak reports)."""
+    inodes = {name[len("socket:[") : -1] for name in sockets}
+    lines = []
+    for table in ("unix", "tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as handle:
+            for line in handle:
+                fields = line.split()
+                if inodes & set(fields):
+                    lines.append(f"{table}: {line.strip()}")
+    return lines
+
+
+# ------------------------------------------------------------------------ endpoints
+@dataclasses.dataclass
+class Endpoint:
+    """A loopback TCP server whose open connections are counted."""
+
+    server: asyncio.AbstractServer
+    port: int
+    open_connections: int = 0
+    accepted: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def endpoint(handler: Handler) -> AsyncIterator[Endpoint]:
+    ep: Endpoint | None = None
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert ep is not None
+        ep.open_connections += 1
+        ep.accepted += 1
+        tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.transport.abort()
+            ep.open_connections -= 1
+            tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    server = await asyncio.start_server(counted, "127.0.0.1", 0, limit=1 << 20)
+    ep = Endpoint(server, server.sockets[0].getsockname()[1])
+    try:
+        yield ep
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 18):
+        writer.write(data)
+        await writer.drain()
+
+
+async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every GET with a small page naming the path (one request per connection)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    path = head.split(b" ", 2)[1].decode()
+    body = f"<html><body>hello from {path}</body></html>".encode()
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+
+
+async def sink_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads everything, then answers with the sha256 hex of what it read and closes."""
+    digest = hashlib.sha256()
+    while data := await reader.read(1 << 18):
+        digest.update(data)
+    writer.write(digest.hexdigest().encode())
+    await writer.drain()
+
+
+def source_handler(size: int, seed: bytes = b"seed") -> Handler:
+    """Sends `size` deterministic bytes, then closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for chunk in deterministic_chunks(size, seed):
+            writer.write(chunk)
+            await writer.drain()
+
+    return handle
+
+
+def deterministic_chunks(size: int, seed: bytes = b"seed", chunk: int = 1 << 20) -> list[bytes] | Any:
+    block = hashlib.shake_256(seed).digest(chunk)
+    sent = 0
+    while sent < size:
+        piece = block[: min(chunk, size - sent)]
+        sent += len(piece)
+        yield piece
+
+
+def expected_sha256(size: int, seed: bytes = b"seed") -> str:
+    digest = hashlib.sha256()
+    for piece in deterministic_chunks(size, seed):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- stack
+def server_config(pki: DemoPki, tmp: Path, **overrides: Any) -> ServerConfig:
+    fields: dict[str, Any] = dict(
+        uds_name=str(tmp / "proxy.sock"),
+        server_port=0,
+        agent_port=0,
+        agent_bind_address="127.0.0.1",
+        cluster_cert=str(pki.server_cert),
+        cluster_key=str(pki.server_key),
+        server_id="test-server",
+        health_port=0,
+        admin_port=0,
+        health_bind_address="127.0.0.1",
+    )
+    fields.update(overrides)
+    return ServerConfig(**fields)
+
+
+def agent_config(pki: DemoPki, port: int, **overrides: Any) -> AgentConfig:
+    fields: dict[str, Any] = dict(
+        proxy_server_host="127.0.0.1",
+        proxy_server_port=port,
+        ca_cert=str(pki.ca_cert),
+        agent_id="test-agent",
+        sync_interval=0.1,
+        sync_interval_cap=0.5,
+        probe_interval=0.2,
+        health_server_port=0,
+        admin_server_port=0,
+        health_server_host="127.0.0.1",
+    )
+    fields.update(overrides)
+    return AgentConfig(**fields)
+
+
+class RunningAgent:
+    """An in-process agent run as a task, stopped by cancellation."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.agent = ProxyAgent(config)
+        self.task: asyncio.Task[None] = asyncio.create_task(self.agent.run(), name=f"test-agent {config.agent_id}")
+
+    def connection_count(self) -> int:
+        return sum(len(s.table) for s in self.agent.clients.sessions.values())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+class Stack:
+    """A proxy-server plus any number of in-process agents."""
+
+    def __init__(self, pki: DemoPki, tmp: Path, **server_overrides: Any) -> None:
+        self.pki = pki
+        self.tmp = tmp
+        self.server = ProxyServer(server_config(pki, tmp, **server_overrides))
+        self.agents: list[RunningAgent] = []
+
+    @property
+    def uds(self) -> str:
+        return self.server.config.uds_name
+
+    async def start(self) -> Stack:
+        await self.server.start()
+        return self
+
+    async def add_agent(self, wait: bool = True, **overrides: Any) -> RunningAgent:
+        before = len(self.server.registry)
+        running = RunningAgent(agent_config(self.pki, self.server.agent_port, **overrides))
+        self.agents.append(running)
+        if wait:
+            await wait_for(lambda: len(self.server.registry) > before, what="agent registration")
+        return running
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the server's and every agent's tables are empty."""
+        await wait_for(
+            lambda: self.server.router.is_empty() and all(a.connection_count() == 0 for a in self.agents),
+            timeout=timeout,
+            what="empty connection tables",
+        )
+
+    async def stop(self) -> None:
+        for running in self.agents:
+            await running.stop()
+        await self.server.stop(0)
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
