@@ -50,13 +50,13 @@ def decode(raw: bytes) -> Message:
 def from_packet(packet: pb.Packet) -> Message:
     """Convert a parsed Packet into a typed message."""
     kind = packet.type
-    if kind == pb.DATA:  # the hot path first
+    present = packet.WhichOneof("payload")
+    if kind == pb.DATA and present == "data":  # the hot path first
         d = packet.data
         return Data(d.connectID, d.data, d.error)
     expected = _PAYLOAD_FOR_TYPE.get(kind)
     if expected is None:
         raise MalformedPacket(f"unknown packet type {kind}")
-    present = packet.WhichOneof("payload")
     if present is not None and present != expected:
         name = pb.PacketType.Name(kind)
         raise MalformedPacket(f"packet type {name} carries a {present} payload")
@@ -65,6 +65,9 @@ def from_packet(packet: pb.Packet) -> Message:
 
 def _typed(packet: pb.Packet) -> Message:
     kind = packet.type
+    if kind == pb.DATA:
+        d = packet.data
+        return Data(d.connectID, d.data, d.error)
     if kind == pb.DIAL_REQ:
         r = packet.dialRequest
         return DialRequest(dial_id=r.random, address=r.address, protocol=r.protocol)
