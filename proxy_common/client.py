@@ -82,28 +82,42 @@ class Tunnel:
 
     # ----------------------------------------------------------------- dialing
     async def _dial(self, dial_id: int, timeout: float) -> None:
+        # The reader starts at once and keeps running: cancelling a pending grpc.aio read
+        # cancels the whole RPC, so a timeout must never interrupt a read.
+        self._dialed: asyncio.Future[DialResponse] = asyncio.get_running_loop().create_future()
         await self._stream.send(DialRequest(dial_id=dial_id, address=self.address))
+        self._reader = asyncio.create_task(self._read_loop(dial_id), name=f"tunnel-reader dial_id={dial_id}")
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    message = await self._stream.receive()
-                    if type(message) is DialResponse and message.dial_id == dial_id:
-                        break
-                    if type(message) is CloseDial and message.dial_id == dial_id:
-                        raise TunnelDialError("dial closed")
+                response = await asyncio.shield(self._dialed)
         except TimeoutError:
             with contextlib.suppress(TunnelClosed, TunnelBroken):
                 await self._stream.send(CloseDial(dial_id))
             raise TunnelDialError("dial timeout, backstop") from None
-        except (TunnelClosed, TunnelBroken) as exc:
-            raise TunnelDialError(f"tunnel closed: {exc}") from exc
-        if message.error:
-            raise TunnelDialError(message.error)
-        self.conn_id = message.conn_id
-        self._reader = asyncio.create_task(self._read_loop(), name=f"tunnel-reader conn_id={self.conn_id}")
+        if response.error:
+            raise TunnelDialError(response.error)
 
-    async def _read_loop(self) -> None:
+    def _dial_finished(self, outcome: DialResponse | BaseException) -> None:
+        if self._dialed.done():
+            return
+        if isinstance(outcome, BaseException):
+            self._dialed.set_exception(outcome)
+            self._dialed.exception()  # retrieved here; the dialer re-raises it
+        else:
+            self._dialed.set_result(outcome)
+
+    async def _read_loop(self, dial_id: int) -> None:
         try:
+            while not self._dialed.done():
+                message = await self._stream.receive()
+                if type(message) is DialResponse and message.dial_id == dial_id:
+                    self.conn_id = message.conn_id  # before any DATA for it is read
+                    self._dial_finished(message)
+                    if message.error:
+                        return
+                elif type(message) is CloseDial and message.dial_id == dial_id:
+                    self._dial_finished(TunnelDialError("dial closed"))
+                    return
             while True:
                 message = await self._stream.receive()
                 if type(message) is Data:
@@ -112,9 +126,12 @@ class Tunnel:
                 elif type(message) is CloseResponse and message.conn_id == self.conn_id:
                     self.close_error = message.error
                     return
-        except (TunnelClosed, TunnelBroken, MailboxClosed):
+        except (TunnelClosed, TunnelBroken) as exc:
+            self._dial_finished(TunnelDialError(f"tunnel closed: {exc}"))
+        except MailboxClosed:
             return
         finally:
+            self._dial_finished(TunnelDialError("tunnel closed"))
             self._closed_by_server.set()
             self._inbox.close()
 

@@ -7,6 +7,7 @@ no serializers) and convert with `wire`, and translate grpc's end-of-stream and 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 import grpc
@@ -64,7 +65,7 @@ class ClientStream:
             await self.call.write(wire.encode(message))
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
-        except grpc.aio.UsageError as exc:  # the call already finished
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:  # the call already finished
             raise TunnelClosed(str(exc)) from exc
 
     def cancel(self) -> None:

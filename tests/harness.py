@@ -106,7 +106,9 @@ async def endpoint(handler: Handler) -> AsyncIterator[Endpoint]:
         tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         try:
             await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+            writer.close()  # flushes what the handler wrote, then closes
+            await asyncio.wait_for(writer.wait_closed(), 10)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
             writer.transport.abort()
