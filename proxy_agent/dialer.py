@@ -101,7 +101,9 @@ async def _connect_first(
     infos: list[tuple[int, tuple[str, int]]], protocol: str, address: str, limit: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     last: OSError | None = None
+    tried = address
     for _family, (ip, port) in infos:
+        tried = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"  # Go names the resolved address
         try:
             reader, writer = await asyncio.open_connection(ip, port, limit=limit)
         except OSError as exc:
@@ -113,4 +115,4 @@ async def _connect_first(
         return reader, writer
     assert last is not None
     why = _CONNECT_ERRORS.get(last.errno or 0, (last.strerror or str(last)).lower())
-    raise DialError(f"dial {protocol} {address}: connect: {why}")
+    raise DialError(f"dial {protocol} {tried}: connect: {why}")

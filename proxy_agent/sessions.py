@@ -112,10 +112,12 @@ class ServerConnector:
                 headers = await call.initial_metadata()
             server_id = metadata.single(headers, metadata.SERVER_ID)
             count_text = metadata.single(headers, metadata.SERVER_COUNT)
-            if server_id is None or count_text is None:
-                code = await call.code()
-                details = await call.details()
-                raise ConnectFailed(f"server refused the stream: {code.name} {details!s}")
+            if call.done():  # trailers-only answer: the server refused the stream
+                raise ConnectFailed(f"server refused the stream: {(await call.code()).name}: {await call.details()}")
+            if server_id is None:
+                raise ConnectFailed(f"expected one server ID in the response headers, got {metadata.values(headers, metadata.SERVER_ID)}")
+            if count_text is None:
+                raise ConnectFailed(f"expected one server count, got {len(metadata.values(headers, metadata.SERVER_COUNT))}")
             try:
                 count = int(count_text)
             except ValueError:
