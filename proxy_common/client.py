@@ -85,7 +85,10 @@ class Tunnel:
         # The reader starts at once and keeps running: cancelling a pending grpc.aio read
         # cancels the whole RPC, so a timeout must never interrupt a read.
         self._dialed: asyncio.Future[DialResponse] = asyncio.get_running_loop().create_future()
-        await self._stream.send(DialRequest(dial_id=dial_id, address=self.address))
+        try:
+            await self._stream.send(DialRequest(dial_id=dial_id, address=self.address))
+        except (TunnelClosed, TunnelBroken) as exc:
+            raise TunnelDialError(f"tunnel closed: {exc}") from exc
         self._reader = asyncio.create_task(self._read_loop(dial_id), name=f"tunnel-reader dial_id={dial_id}")
         try:
             async with asyncio.timeout(timeout):
