@@ -109,7 +109,8 @@ async def test_handshake_metadata_matches_the_go_agent(pki: DemoPki, tmp_path: P
         await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
         md = {k: v for k, v in recorder.invocation_metadata if k != "user-agent"}
         go = dict(HANDSHAKE["metadata_seen_by_python_grpcio_invocation_metadata"])
-        assert md == {k: v for k, v in go.items() if k != "user-agent"}
+        # Exactly the Go agent's headers, plus our capability offer, which Go servers ignore.
+        assert md == {**{k: v for k, v in go.items() if k != "user-agent"}, "konnectivity-py-flow": "1"}
         assert [k for k, _ in recorder.invocation_metadata if k in go][-3:] == ["agentid", "agentidentifiers", "authorization"]
         # The agent sends nothing until the server does.
         await recorder.expect_quiet()

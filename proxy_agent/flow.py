@@ -1,0 +1,123 @@
+"""One endpoint connection on its own gRPC stream (per-connection flow control).
+
+SHELL. Used when the server offered it on the Connect stream (see proto/flow.proto). The
+stream is opened on the same channel, so it reaches the same server over the same HTTP/2
+connection. Its first packet is the connection's DIAL_RSP; then DATA goes both ways and the
+connection ends with CLOSE_RSP, all in order on this one stream. Both directions are plain
+awaits: a read from the endpoint waits for this stream's HTTP/2 window, and a write to the
+endpoint waits for the socket to drain, so a stalled reader at either end stops only this
+connection, and nothing is buffered beyond the socket and HTTP/2 windows.
+
+A pending grpc.aio read must never be cancelled while the stream is still wanted (that
+cancels the RPC), so the task reading the stream is only cancelled once we are done with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import grpc.aio
+
+from proxy_agent import connections as c
+from proxy_common import metadata
+from proxy_common.errors import MalformedPacket, TunnelBroken, TunnelClosed
+from proxy_common.messages import Data
+from proxy_common.streams import ClientStream
+
+if TYPE_CHECKING:
+    from proxy_agent.session import Session, _Endpoint
+
+FLOW_METHOD = "/konnectivity_py.flow.v1.ConnectionService/Stream"
+STREAM_ERRORS = (TunnelClosed, TunnelBroken, MalformedPacket, ConnectionError, OSError)
+GOODBYE_SECONDS = 2.0
+
+
+async def serve_on_own_stream(
+    session: Session, endpoint: _Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Carry one open endpoint connection on its own stream until either side closes."""
+    assert session.channel is not None and session.flow_token is not None
+    conn_id = endpoint.conn_id
+    call = session.channel.stream_stream(FLOW_METHOD)(metadata=((metadata.SESSION, session.flow_token),))
+    stream = ClientStream(call)
+    down_task: asyncio.Task[None] | None = None
+    try:
+        opened = session.table.dial_succeeded(conn_id)
+        if not all(isinstance(action, c.Send) for action in opened):
+            return  # the dial was cancelled meanwhile
+        for action in opened:
+            await stream.send(action.message)
+        down_task = asyncio.create_task(_down(session, endpoint, stream, writer), name=f"conn-stream-reader conn_id={conn_id}")
+        await _up_until_either_ends(session, endpoint, stream, reader, down_task)
+    except STREAM_ERRORS:
+        pass
+    finally:
+        writer.transport.abort()
+        await _say_goodbye(session, conn_id, stream, down_task)
+
+
+async def _up_until_either_ends(
+    session: Session, endpoint: _Endpoint, stream: ClientStream, reader: asyncio.StreamReader, down_task: asyncio.Task[None]
+) -> None:
+    """Copy endpoint bytes to the stream until the endpoint's EOF or the reader task ends."""
+    chunk_size = session.config.read_chunk_bytes
+
+    async def up() -> None:
+        while chunk := await reader.read(chunk_size):
+            endpoint.bytes_out += len(chunk)
+            await stream.send(Data(endpoint.conn_id, chunk))
+
+    up_task = asyncio.create_task(up(), name=f"conn-stream-writer conn_id={endpoint.conn_id}")
+    try:
+        await asyncio.wait((down_task, up_task), return_when=asyncio.FIRST_COMPLETED)
+        if up_task.done():
+            up_task.result()
+    finally:
+        up_task.cancel()  # it reads the socket or waits to write: safe to cancel now
+        with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
+            await up_task
+
+
+async def _down(session: Session, endpoint: _Endpoint, stream: ClientStream, writer: asyncio.StreamWriter) -> None:
+    """Apply what the server sends on this stream until CLOSE_REQ or the end of the stream."""
+    while True:
+        try:
+            message = await stream.receive()
+        except TunnelClosed:
+            return
+        for action in session.table.receive(message):
+            if type(action) is c.WriteEndpoint:
+                endpoint.bytes_in += len(action.data)
+                writer.write(action.data)
+                await writer.drain()
+            elif type(action) is c.CloseEndpoint:
+                endpoint.close_reason = endpoint.close_reason or "close_request"
+                return
+            elif type(action) is c.Send:
+                await stream.send(action.message)
+
+
+async def _say_goodbye(session: Session, conn_id: int, stream: ClientStream, down_task: asyncio.Task[None] | None) -> None:
+    """CLOSE_RSP after all DATA, half-close, then let the server end the stream (bounded).
+
+    Cancelling the call earlier could make the server drop DATA it has not read yet."""
+    call = stream.call
+    with contextlib.suppress(*STREAM_ERRORS, TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        async with asyncio.timeout(GOODBYE_SECONDS):
+            for action in session.table.endpoint_closed(conn_id):
+                if isinstance(action, c.Send):
+                    await stream.send(action.message)
+            await call.done_writing()
+            if down_task is not None and not down_task.done():
+                await asyncio.shield(down_task)
+            else:
+                with contextlib.suppress(TunnelClosed):
+                    while True:  # nobody else reads now: wait for the server's end of stream
+                        await stream.receive()
+    call.cancel()
+    if down_task is not None:
+        down_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
+            await down_task

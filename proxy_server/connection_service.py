@@ -1,0 +1,80 @@
+"""ConnectionService.Stream: one flow-controlled tunnelled connection (our extension).
+
+SHELL. Used only with agents that advertised per-connection flow control on their Connect
+stream (see proto/flow.proto). The agent opens this stream after a successful dial,
+naming its Connect stream by the session token the server handed out, and sends the
+connection's DIAL_RSP first. From then on this stream carries that connection's DATA and
+CLOSE packets both ways, so HTTP/2's per-stream window throttles only this connection:
+its reader may wait for its frontend as long as it likes without holding up the agent's
+other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from proxy_common import metadata
+from proxy_common.errors import MalformedPacket, TunnelClosed
+from proxy_common.messages import DialResponse
+from proxy_common.streams import ServerStream
+from proxy_common.tasks import first_error, race
+from proxy_server.switchboard import Link, Switchboard
+
+log = logging.getLogger("proxy_server.connections")
+
+SERVICE = "konnectivity_py.flow.v1.ConnectionService"
+FIRST_PACKET_SECONDS = 10.0
+
+
+class ConnectionServicer:
+    def __init__(self, board: Switchboard) -> None:
+        self.board = board
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(self.stream)
+        return grpc.method_handlers_generic_handler(SERVICE, {"Stream": method})
+
+    async def stream(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        token = metadata.single(context.invocation_metadata(), metadata.SESSION)
+        backend_id = self.board.flow_sessions.get(token or "")
+        if backend_id is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown or ended agent session")
+        assert backend_id is not None
+        stream = ServerStream(context)
+        try:
+            async with asyncio.timeout(FIRST_PACKET_SECONDS):
+                first = await stream.receive()
+        except (TimeoutError, TunnelClosed, MalformedPacket):
+            first = None
+        if type(first) is not DialResponse or first.error or not first.conn_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a connection stream starts with a successful DIAL_RSP")
+        assert isinstance(first, DialResponse)
+        link = self.board.open_connection_link(backend_id, first.conn_id, f"conn_id={first.conn_id} backend_id={backend_id}")
+        try:
+            await self.board.from_agent(backend_id, first)
+            await race(
+                self._read_loop(stream, backend_id),
+                self._write_loop(stream, link),
+                names=(f"conn-reader conn_id={first.conn_id}", f"conn-writer conn_id={first.conn_id}"),
+            )
+        except* MalformedPacket as group:
+            log.warning("malformed packet on connection stream conn_id=%d error=%s", first.conn_id, first_error(group))
+        finally:
+            self.board.close_connection_link(backend_id, first.conn_id, link)
+
+    async def _read_loop(self, stream: ServerStream, backend_id: int) -> None:
+        while True:
+            try:
+                message = await stream.receive()
+            except TunnelClosed:
+                return
+            await self.board.from_agent(backend_id, message, own_stream=True)
+
+    async def _write_loop(self, stream: ServerStream, link: Link) -> None:
+        while (message := await link.mailbox.get()) is not None:
+            await stream.send(message)
