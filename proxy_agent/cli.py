@@ -111,9 +111,10 @@ def parse(argv: Sequence[str] | None = None) -> tuple[AgentConfig, argparse.Name
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse(argv)
-    logs.configure(args.verbosity)
+    logs.configure_from_flags(args)
     log = logging.getLogger("proxy_agent")
-    ignored = flags.accepted_but_ignored(args, flags.KLOG_FLAGS + DEPRECATED)
+    ignored = [name for name in flags.accepted_but_ignored(args, flags.KLOG_FLAGS + DEPRECATED)
+               if name not in logs.HONOURED_KLOG_FLAGS]
     ignored += [name for name in NOT_YET if getattr(args, name[2:].replace("-", "_"))]
     if config.alpn_proto:
         ignored.append("--alpn-proto")

@@ -124,10 +124,16 @@ def parse(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Nam
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, args = parse(argv)
-    logs.configure(args.verbosity)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["certs"]:  # a subcommand, dispatched before the server's own flags
+        from proxy_server import certs_command
+
+        return certs_command.main(words[1:])
+    config, args = parse(words)
+    logs.configure_from_flags(args)
     log = logging.getLogger("proxy_server")
-    ignored = flags.accepted_but_ignored(args, flags.KLOG_FLAGS + DEPRECATED)
+    ignored = [name for name in flags.accepted_but_ignored(args, flags.KLOG_FLAGS + DEPRECATED)
+               if name not in logs.HONOURED_KLOG_FLAGS]
     ignored += [name for name in NOT_YET if getattr(args, name[2:].replace("-", "_"))]
     if ignored:
         log.info("flags accepted for compatibility, without effect here flags=%s", ",".join(ignored))
