@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterator
 
+from proxy_agent import debug
 from proxy_agent.config import AgentConfig
 from proxy_agent.metrics import AgentMetrics
 from proxy_agent.sessions import ClientSet
+from proxy_common import probes
 from proxy_common.tasks import two_stage_signals
 
 log = logging.getLogger("proxy_agent")
@@ -24,12 +27,48 @@ class ProxyAgent:
         self.config = config
         self.metrics = AgentMetrics()
         self.clients = ClientSet(config, self.metrics)
+        self.metrics.data_bytes.live = self._live_bytes
+        self.metrics_page = probes.MetricsPage(self.metrics.render, self.metrics.registry)
+        self._probes: list[probes.ProbeServer] = []
+        self.health_port_bound = 0
+        self.admin_port_bound = 0
 
     def open_connections(self) -> int:
         return sum(len(s.endpoints) for s in self.clients.sessions.values())
 
     async def run(self) -> None:
-        await self.clients.run()
+        """Serve the health and admin listeners and keep the server streams, until cancelled."""
+        try:
+            await self.start_probes()
+            await self.clients.run()
+        finally:
+            await self.stop_probes()
+
+    async def start_probes(self) -> None:
+        c = self.config
+        health = probes.ProbeServer(
+            "health", probes.agent_health_routes(self.clients.is_connected, self.metrics_page),
+            host=c.health_server_host, port=c.health_server_port,
+        )
+        await health.start()
+        self._probes.append(health)
+        admin = probes.ProbeServer(
+            "admin", probes.agent_admin_routes(health.port, debug.sources(self.clients)),
+            host=c.admin_bind_address, port=c.admin_server_port,
+        )
+        await admin.start()
+        self._probes.append(admin)
+        self.health_port_bound, self.admin_port_bound = health.port, admin.port
+
+    async def stop_probes(self) -> None:
+        while self._probes:
+            await self._probes.pop().aclose()
+
+    def _live_bytes(self) -> Iterator[tuple[str, int]]:
+        for session in self.clients.sessions.values():
+            for endpoint in session.endpoints.values():
+                yield "server_to_endpoint", endpoint.bytes_in
+                yield "endpoint_to_server", endpoint.bytes_out
 
     async def wait_drained(self, grace: float) -> None:
         """Wait until no endpoint connection is open, or `grace` seconds (0: forever)."""

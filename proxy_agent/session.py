@@ -49,6 +49,7 @@ class _Endpoint:
     address: str = ""
     bytes_in: int = 0
     bytes_out: int = 0
+    close_reason: str = ""
 
 
 class Session:
@@ -153,6 +154,7 @@ class Session:
             return
         log.warning("endpoint stopped reading, closing it conn_id=%d address=%s", action.conn_id, endpoint.address)
         self.metrics.overflow_closes.inc()
+        endpoint.close_reason = "overflow"
         self._apply(self.table.inbox_overflowed(action.conn_id))
 
     def _close_endpoint(self, conn_id: int) -> None:
@@ -160,6 +162,7 @@ class Session:
         endpoint = self.endpoints.get(conn_id)
         if endpoint is None:
             return
+        endpoint.close_reason = endpoint.close_reason or "close_request"
         endpoint.inbox.close()
         if endpoint.deadline is not None:
             endpoint.deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
@@ -168,6 +171,7 @@ class Session:
         self.table.tunnel_lost()
         self.outbox.close()
         for endpoint in self.endpoints.values():
+            endpoint.close_reason = endpoint.close_reason or "tunnel_lost"
             if endpoint.task is not None:
                 endpoint.task.cancel()
 
@@ -202,6 +206,7 @@ class Session:
         self, endpoint: _Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         conn_id = endpoint.conn_id
+        connected = time.monotonic()
         self.metrics.open_endpoint_connections.inc()
         log.debug("endpoint connected conn_id=%d address=%s", conn_id, endpoint.address)
         try:
@@ -212,12 +217,16 @@ class Session:
                     deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
                 await race(self._endpoint_to_server(endpoint, reader), self._server_to_endpoint(endpoint, writer))
         except (TimeoutError, OSError) as exc:
+            if not isinstance(exc, TimeoutError):  # a timeout is the bounded flush after a close
+                endpoint.close_reason = endpoint.close_reason or "error"
             log.debug("endpoint connection ended conn_id=%d reason=%r", conn_id, exc)
         finally:
             writer.transport.abort()
             self.metrics.open_endpoint_connections.dec()
+            reason = endpoint.close_reason or "endpoint_closed"
+            self.metrics.endpoint_closed(time.monotonic() - connected, reason, endpoint.bytes_in, endpoint.bytes_out)
             self._apply(self.table.endpoint_closed(conn_id))
-            log.debug("endpoint closed conn_id=%d in=%d out=%d", conn_id, endpoint.bytes_in, endpoint.bytes_out)
+            log.debug("endpoint closed conn_id=%d reason=%s in=%d out=%d", conn_id, reason, endpoint.bytes_in, endpoint.bytes_out)
 
     async def _endpoint_to_server(self, endpoint: _Endpoint, reader: asyncio.StreamReader) -> None:
         chunk_size, conn_id = self.config.read_chunk_bytes, endpoint.conn_id

@@ -15,8 +15,10 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from proxy_common import probes
 from proxy_common.errors import ConfigError
 from proxy_common.tasks import two_stage_signals
+from proxy_server import debug
 from proxy_server.agent_service import AgentServicer, Authenticator
 from proxy_server.backends import BackendRegistry
 from proxy_server.config import ServerConfig
@@ -72,8 +74,14 @@ class ProxyServer:
         self.frontend_port = 0
         self._servers: list[grpc.aio.Server] = []
         self._uds_created = False
+        self.metrics.data_bytes.live = self.board.live_bytes
+        self.metrics_page = probes.MetricsPage(self.metrics.render, self.metrics.registry)
+        self._probes: list[probes.ProbeServer] = []
+        self.health_port_bound = 0
+        self.admin_port_bound = 0
 
     async def start(self) -> None:
+        await self._start_probes()
         await self._start_agent_listener()
         if self.config.mode == "grpc":
             await self._start_grpc_frontend()
@@ -83,6 +91,7 @@ class ProxyServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, end every stream (after `grace` seconds at most), remove the socket."""
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        await self._stop_probes()
         self._servers.clear()
         if self._uds_created:
             Path(self.config.uds_name).unlink(missing_ok=True)
@@ -131,6 +140,26 @@ class ProxyServer:
             await server.start()
             log.info("frontend listening mode=grpc address=%s mtls=true", grpc_address(c.server_bind_address, self.frontend_port))
         self._servers.append(server)
+
+    async def _start_probes(self) -> None:
+        """The health listener (/healthz, /readyz, /metrics) and the admin listener (/metrics, /debug)."""
+        c = self.config
+        health = probes.ProbeServer(
+            "health", probes.server_health_routes(self.registry.is_ready, self.metrics_page),
+            host=c.health_bind_address, port=c.health_port,
+        )
+        admin = probes.ProbeServer(
+            "admin", probes.server_admin_routes(self.metrics_page, debug.sources(self.board)),
+            host=c.admin_bind_address, port=c.admin_port,
+        )
+        for listener in (health, admin):
+            await listener.start()
+            self._probes.append(listener)
+        self.health_port_bound, self.admin_port_bound = health.port, admin.port
+
+    async def _stop_probes(self) -> None:
+        while self._probes:
+            await self._probes.pop().aclose()
 
     def _agent_options(self) -> list[tuple[str, int]]:
         return [

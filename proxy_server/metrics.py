@@ -6,7 +6,22 @@ and alerts keep working; families the reference lacks follow Prometheus naming.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import re
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from proxy_common.errors import DialFailure
 from proxy_common.messages import Message, packet_type_name
@@ -15,6 +30,37 @@ from proxy_common.metrics import CountCollector, render
 PREFIX = "konnectivity_network_proxy_server_"
 DIAL_BUCKETS = (1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5)
 CONNECTION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 14400, 43200, 86400)
+DIRECTIONS = ("client_to_agent", "agent_to_client")
+# Go prints whole bucket bounds without a fraction (le="1"); prometheus_client writes le="1.0".
+_WHOLE_LE = re.compile(rb'le="(\d+)\.0"')
+
+# The reference exposes no `_created` series; they would double the series count.
+disable_created_metrics()
+
+
+class ByteCounter(Collector):
+    """Payload bytes per direction: closed connections' totals plus the live ones' counters,
+    read at scrape time so the hot path only adds to a plain integer per connection."""
+
+    def __init__(self, name: str, documentation: str, directions: tuple[str, ...]) -> None:
+        self.name, self.documentation = name, documentation
+        self.closed = dict.fromkeys(directions, 0)
+        self.live: Callable[[], Iterable[tuple[str, int]]] = tuple
+
+    def add_closed(self, direction: str, count: int) -> None:
+        self.closed[direction] += count
+
+    def totals(self) -> dict[str, int]:
+        totals = dict(self.closed)
+        for direction, count in self.live():
+            totals[direction] += count
+        return totals
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=["direction"])
+        for direction, count in self.totals().items():
+            family.add_metric([direction], count)
+        yield family
 
 
 class ServerMetrics:
@@ -93,13 +139,53 @@ class ServerMetrics:
             "Connections closed because their reader stayed behind past the bounded wait.",
             registry=reg,
         )
+        self._lease_families(reg)
+        # Our own, where the reference is silent.
+        self.data_bytes = ByteCounter(
+            PREFIX + "data_bytes_total",
+            "Payload bytes carried by tunneled connections, by direction.",
+            DIRECTIONS,
+        )
+        reg.register(self.data_bytes)
+        self.closed_connections = Counter(
+            PREFIX + "closed_connections_total",
+            "Established connections removed, by reason (agent_closed, frontend_lost, agent_lost, overflow, mismatched).",
+            ["reason"], registry=reg,
+        )
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
         self.ready_backend_connections.set(0)
         for name in strategies:
             self.ready_backends.labels(name).set(0)
         self._packet_children: dict[tuple[str, type], Counter] = {}
 
+    def _lease_families(self, reg: CollectorRegistry) -> None:
+        """The lease garbage collector's families (labelled: they appear with their first sample)."""
+        self.lease_delete_latency = Histogram(
+            PREFIX + "lease_delete_latency_seconds",
+            "Latency of lease deletion calls by the garbage collection controller, by HTTP status code.",
+            ["http_status_code"], registry=reg,
+        )
+        self.lease_deletes = Counter(
+            PREFIX + "lease_delete_total",
+            "Count of lease deletion calls by the garbage collection controller, by HTTP status code and reason.",
+            ["http_status_code", "reason"], registry=reg,
+        )
+        self.lease_list_latency = Histogram(
+            PREFIX + "lease_list_latency_seconds",
+            "Latency of lease list calls by the garbage collection controller, by HTTP status code.",
+            ["http_status_code"], registry=reg,
+        )
+        self.lease_lists = Counter(
+            PREFIX + "lease_list_total",
+            "Count of lease list calls by the garbage collection controller, by HTTP status code and reason.",
+            ["http_status_code", "reason"], registry=reg,
+        )
+
     def render(self) -> bytes:
-        return render(self.registry, (self.dial_failures.name, self.culled_leases.name))
+        text = render(self.registry, (self.dial_failures.name, self.culled_leases.name))
+        return _WHOLE_LE.sub(rb'le="\1"', text)
 
     def packet(self, segment: str, message: Message) -> None:
         key = (segment, type(message))
@@ -118,8 +204,15 @@ class ServerMetrics:
     def dial_failed(self, reason: DialFailure) -> None:
         self.dial_failures.inc(str(reason))
 
-    def connection_closed(self, seconds: float) -> None:
+    def connection_closed(self, seconds: float, reason: str = "") -> None:
         self.connection_duration.observe(seconds)
+        if reason:
+            self.closed_connections.labels(reason).inc()
+
+    def frontend_closed(self, bytes_to_agent: int, bytes_to_client: int) -> None:
+        """A frontend is gone: its byte counts join the closed totals."""
+        self.data_bytes.add_closed("client_to_agent", bytes_to_agent)
+        self.data_bytes.add_closed("agent_to_client", bytes_to_client)
 
     def overflow_closed(self) -> None:
         self.overflow_closes.inc()

@@ -117,6 +117,16 @@ Action = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class FrontendView:
+    """What one frontend is doing, for the debug view (read-only)."""
+
+    state: str  # idle | dialing | established | closing
+    dial_id: int | None
+    backend_id: int | None
+    conn_id: int
+
+
 @dataclass(slots=True)
 class _Frontend:
     dial_id: int | None = None
@@ -157,6 +167,30 @@ class Router:
     def connections(self) -> list[tuple[int, int, int]]:
         """(frontend_id, backend_id, conn_id) of every established connection."""
         return [(fid, bid, cid) for (bid, cid), fid in self._established.items()]
+
+    def frontend_view(self, frontend_id: int) -> FrontendView | None:
+        fe = self._frontends.get(frontend_id)
+        if fe is None:
+            return None
+        if fe.backend_id is not None and fe.conn_id and self._established.get((fe.backend_id, fe.conn_id)) == frontend_id:
+            state = "established"
+        elif fe.dial_id is not None and self._pending.get(fe.dial_id, (None,))[0] == frontend_id:
+            state = "dialing"
+        elif fe.stopped:
+            state = "closing"
+        else:
+            state = "idle"
+        return FrontendView(state, fe.dial_id, fe.backend_id, fe.conn_id)
+
+    def closing_connections(self) -> list[tuple[int, int]]:
+        """(backend_id, conn_id) of connections whose frontend left, awaiting the agent's CLOSE_RSP."""
+        return sorted(self._closing)
+
+    def backend_load(self, backend_id: int) -> tuple[int, int]:
+        """(pending dials, established connections) carried by one agent stream."""
+        owned = self._by_backend.get(backend_id, set())
+        dials = sum(1 for kind, _ident in owned if kind == "dial")
+        return dials, len(owned) - dials
 
     # ------------------------------------------------------------------ backends
     def agent_connected(self, backend_id: int, agent_id: str, ids: AgentIdentifiers) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from proxy_common.mailbox import Mailbox, MailboxClosed
-from proxy_common.messages import Data, Message, packet_type_name
+from proxy_common.messages import Data, DialRequest, Message, packet_type_name
 from proxy_server import router as r
 from proxy_server.metrics import ServerMetrics
 
@@ -38,6 +38,10 @@ class Link:
     mailbox: Mailbox[Message]
     label: str
     opened: float = field(default_factory=time.monotonic)
+    # Frontends only, for the debug view and the byte counters: one integer add per DATA.
+    address: str = ""
+    bytes_to_agent: int = 0
+    bytes_to_client: int = 0
 
 
 class Switchboard:
@@ -75,6 +79,7 @@ class Switchboard:
         if link is not None:
             link.mailbox.close()
             link.mailbox.clear()
+            self.metrics.frontend_closed(link.bytes_to_agent, link.bytes_to_client)
         self.execute_now(self.router.frontend_lost(frontend_id))
 
     def open_backend(self, agent_id: str, identifiers: r.AgentIdentifiers, label: str) -> tuple[int, Link]:
@@ -96,6 +101,12 @@ class Switchboard:
     # ---------------------------------------------------------------- happenings
     async def from_frontend(self, frontend_id: int, message: Message) -> None:
         self.metrics.packet("from_client", message)
+        if type(message) is Data:
+            link = self.frontends.get(frontend_id)
+            if link is not None:
+                link.bytes_to_agent += len(message.data)
+        elif type(message) is DialRequest and frontend_id in self.frontends:
+            self.frontends[frontend_id].address = message.address
         await self.execute(self.router.from_frontend(frontend_id, message))
 
     async def from_agent(self, backend_id: int, message: Message) -> None:
@@ -139,6 +150,7 @@ class Switchboard:
         except MailboxClosed:
             return
         if delivered:
+            link.bytes_to_client += len(data.data)
             return
         log.warning(
             "frontend stopped reading, closing its connection frontend=%s wait_seconds=%s",
@@ -187,12 +199,26 @@ class Switchboard:
                 log.info("dial failed dial_id=%d reason=%s", dial_id, reason)
             case r.ConnectionClosed(backend_id=backend_id, conn_id=conn_id, reason=reason):
                 started = self._conn_started.pop((backend_id, conn_id), now)
-                self.metrics.connection_closed(now - started)
+                self.metrics.connection_closed(now - started, reason)
                 log.debug("connection closed conn_id=%d agent=%s reason=%s", conn_id, self._label(backend_id), reason)
             case r.Discard(message=message, reason=reason):
                 log.debug("packet ignored type=%s reason=%s", packet_type_name(message), reason)
             case _:
                 raise AssertionError(f"unhandled action {action!r}")
+
+    # ----------------------------------------------------------- observation
+    def live_bytes(self) -> Iterable[tuple[str, int]]:
+        """Bytes carried so far by the frontends still open (for the byte counters)."""
+        for link in self.frontends.values():
+            yield "client_to_agent", link.bytes_to_agent
+            yield "agent_to_client", link.bytes_to_client
+
+    def connection_started(self, backend_id: int, conn_id: int) -> float | None:
+        """When a connection was established (monotonic clock), if it still is."""
+        return self._conn_started.get((backend_id, conn_id))
+
+    def dial_started(self, dial_id: int) -> float | None:
+        return self._dial_started.get(dial_id)
 
     def _label(self, backend_id: int) -> str:
         link = self.backends.get(backend_id)
