@@ -1,0 +1,142 @@
+"""The Dockerfiles, checked as far as a machine without a Docker engine allows: parsed into
+stages and instructions, their sources present, their entry points real console scripts."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from tests import manifests as m
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = {"Dockerfile.server": "proxy-server", "Dockerfile.agent": "proxy-agent"}
+BUILD_TOOLS = ("gcc", "g++", "make", "build-essential", "python3-dev", "apt-get install", "apk add")
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str = ""
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Instructions per stage: comments dropped, continuation lines joined."""
+    logical, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    assert not pending, "dangling line continuation"
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        assert re.fullmatch(r"[A-Z]+", keyword), f"not an instruction: {line!r}"
+        if keyword == "FROM":
+            words = rest.split()
+            assert len(words) in (1, 3) and (len(words) == 1 or words[1].upper() == "AS"), line
+            stages.append(Stage(words[0], words[2] if len(words) == 3 else ""))
+        else:
+            assert stages, f"{keyword} before FROM"
+            stages[-1].instructions.append((keyword, rest.strip()))
+    return stages
+
+
+def stages_of(name: str) -> list[Stage]:
+    return parse_dockerfile((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_multi_stage_on_slim_python(name: str) -> None:
+    stages = stages_of(name)
+    assert len(stages) >= 2
+    assert all(s.base == "python:3.11-slim" for s in stages)
+    final = stages[-1]
+    copied = list(final.args("COPY"))
+    assert copied and all(args.startswith("--from=") for args in copied), "the final stage copies only built artefacts"
+    named = {s.name for s in stages[:-1]}
+    assert {args.split()[0].removeprefix("--from=") for args in copied} <= named
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_final_stage_runs_unprivileged_without_build_tools(name: str) -> None:
+    final = stages_of(name)[-1]
+    users = final.args("USER")
+    assert users, "no USER in the final stage"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "numeric non-root user (runAsNonRoot can only check numbers)"
+    runs = " ".join(final.args("RUN"))
+    assert not [tool for tool in BUILD_TOOLS if tool in runs]
+    assert "pip uninstall" in runs, "pip is removed from the final image"
+
+
+@pytest.mark.parametrize(("name", "script"), IMAGES.items())
+def test_entry_point_is_the_documented_path_and_a_console_script(name: str, script: str) -> None:
+    stages = stages_of(name)
+    final = stages[-1]
+    (entrypoint,) = final.args("ENTRYPOINT")
+    assert json.loads(entrypoint) == [f"/{script}"], "exec form, so `command: [\"/" + script + "\"]` matches"
+    links = [words for args in final.args("RUN") for words in _commands(args) if words[:2] == ["ln", "-s"]]
+    target = next(w[2] for w in links if w[3] == f"/{script}")
+    venv = target.rsplit("/bin/", 1)[0]
+    assert any(args.split()[1:] == [venv, venv] for args in final.args("COPY")), "the link points into the copied venv"
+    assert target == f"{venv}/bin/{script}"
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts")}
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[script].value == declared[script]
+    assert callable(scripts[script].load())
+
+
+def _commands(run: str) -> list[list[str]]:
+    return [shlex.split(part) for part in re.split(r"&&|;", run) if part.strip()]
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_build_stage_copies_what_the_package_needs(name: str) -> None:
+    build = stages_of(name)[0]
+    sources = [src for args in build.args("COPY") for src in args.split()[:-1] if not src.startswith("--")]
+    for src in sources:
+        assert (ROOT / src).exists(), f"COPY source {src} missing"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= set(sources)
+    assert "pyproject.toml" in sources and project["project"]["readme"] in sources
+    runs = " ".join(build.args("RUN"))
+    assert "--only-binary=:all:" in runs, "dependencies come as wheels: no compiler needed anywhere"
+
+
+@pytest.mark.parametrize(("name", "script"), IMAGES.items())
+def test_manifests_use_these_images_and_entry_points(name: str, script: str) -> None:
+    path = m.SERVER_POD if script == "proxy-server" else m.AGENT_DAEMONSET
+    _doc, container = m.only_container(path)
+    assert container["command"] == json.loads(stages_of(name)[-1].args("ENTRYPOINT")[0])
+    assert container["image"].split(":")[0].endswith(f"/{script}")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert container["image"].endswith(f":{version}")
+
+
+def test_parser_rejects_what_docker_would() -> None:
+    with pytest.raises(AssertionError):
+        parse_dockerfile("RUN echo before any FROM\n")
+    with pytest.raises(AssertionError):
+        parse_dockerfile("FROM python:3.11-slim\nRUN echo \\\n")
+    (stage,) = parse_dockerfile("# c\nFROM python:3.11-slim AS x\nRUN a \\\n  # inside\n  && b\n")
+    assert stage.name == "x" and stage.args("RUN") == ["a  && b"]
