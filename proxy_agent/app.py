@@ -83,7 +83,8 @@ async def serve(config: AgentConfig) -> int:
     draining = asyncio.Event()
 
     def first() -> None:
-        log.info("draining: DRAIN sent to every server, no new server connections")
+        log.info("draining: DRAIN sent to every server, no new server connections or dials "
+                 "open_connections=%d grace_seconds=%s", agent.open_connections(), config.drain_grace or "unbounded")
         agent.clients.drain()
         draining.set()
 
@@ -94,8 +95,16 @@ async def serve(config: AgentConfig) -> int:
     log.info("proxy-agent starting agent_id=%s servers=%s", config.agent_id, config.server_targets())
     with two_stage_signals(first, second):
         runner = asyncio.create_task(agent.run(), name="agent-client-set")
-        await draining.wait()
+        signalled = asyncio.create_task(draining.wait(), name="agent-drain-signal")
+        await asyncio.wait((runner, signalled), return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():  # it never ends by itself unless it failed (e.g. a port in use)
+            signalled.cancel()
+            await asyncio.gather(signalled, return_exceptions=True)
+            error = runner.exception() if not runner.cancelled() else None
+            log.error("proxy-agent failed error=%r", error)
+            return 1
         await agent.wait_drained(config.drain_grace)
+        log.info("drain over, closing open_connections=%d", agent.open_connections())
         runner.cancel()
         try:
             await runner

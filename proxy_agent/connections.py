@@ -11,6 +11,11 @@ the dial has finished. It becomes OPEN on `dial_succeeded()` and leaves the tabl
 `dial_failed()`, `endpoint_closed()` or `tunnel_lost()`; a DIAL_CLS for a dial still in
 progress cancels it (the reference ignores DIAL_CLS; honouring it frees the socket early).
 
+Once the agent drains (first SIGTERM), a DIAL_REQ is answered at once with a DIAL_RSP
+error and nothing is dialed, while the open connections carry on: the reference keeps
+dialing, but the server only sends a draining agent a dial when it has no other agent,
+and a clear refusal then beats a connection cut short by the agent's exit.
+
 Messages naming a conn_id we do not hold are answered on the wire with the reference's
 strings ("unrecognized connectID" for DATA, "Unknown connectID" for CLOSE_REQ), never
 raised: one confused peer must not take down the other connections on the stream.
@@ -33,6 +38,7 @@ from proxy_common.messages import (
 
 UNRECOGNIZED_CONN_ERROR = "unrecognized connectID"
 UNKNOWN_CONN_ERROR = "Unknown connectID"
+DRAINING_ERROR = "agent is draining: not accepting new connections"
 
 
 class ConnState(enum.Enum):
@@ -78,7 +84,15 @@ class Discard:
     reason: str
 
 
-Action = StartDial | WriteEndpoint | CloseEndpoint | CancelDial | Send | Discard
+@dataclass(frozen=True, slots=True)
+class DialRefused:
+    """A dial answered with an error without dialing (the agent is draining)."""
+
+    dial_id: int
+    address: str
+
+
+Action = StartDial | WriteEndpoint | CloseEndpoint | CancelDial | Send | Discard | DialRefused
 
 
 @dataclass(slots=True)
@@ -92,6 +106,11 @@ class ConnectionTable:
         self._conns: dict[int, _Conn] = {}
         self._dialing: dict[int, int] = {}  # dial_id -> conn_id
         self._last_conn_id = 0
+        self.draining = False
+
+    def drain(self) -> None:
+        """From now on, refuse new dials; open connections are not touched."""
+        self.draining = True
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -165,6 +184,8 @@ class ConnectionTable:
         return actions
 
     def _start_dial(self, request: DialRequest) -> list[Action]:
+        if self.draining:
+            return [Send(DialResponse(request.dial_id, error=DRAINING_ERROR)), DialRefused(request.dial_id, request.address)]
         self._last_conn_id += 1
         conn_id = self._last_conn_id
         if request.dial_id in self._dialing:

@@ -93,6 +93,7 @@ class Session:
         """Tell the server to avoid this agent for new dials (first SIGTERM)."""
         if not self.draining:
             self.draining = True
+            self.table.drain()
             self._send(Drain())
 
     # --------------------------------------------------------------- stream loops
@@ -126,6 +127,9 @@ class Session:
                 self._send(message)
             case c.Discard(message=message, reason=reason):
                 log.debug("packet ignored message=%r reason=%s", message, reason)
+            case c.DialRefused(dial_id=dial_id, address=address):
+                self.metrics.refused_dials.inc()
+                log.info("dial refused while draining dial_id=%d address=%s server_id=%s", dial_id, address, self.server_id)
             case _:
                 raise AssertionError(f"unhandled action {action!r}")
 

@@ -68,3 +68,14 @@ async def wait_status(port: int, target: str, status: int, *, timeout: float = 2
                 return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {target} to answer {status}; last: {last}")
+
+
+async def wait_text(port: int, target: str, text: str, *, timeout: float = 10.0) -> Reply:
+    """Poll until `target`'s body contains `text` (e.g. a metric sample), or fail after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while text not in (reply := await get(port, target)).text:
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {target} to show {text!r}")
+        await asyncio.sleep(0.05)
+    return reply
