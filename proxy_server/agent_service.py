@@ -62,8 +62,9 @@ class AgentServicer:
             try:
                 await self.authenticate(md)
             except AuthError as exc:
+                # The reference's status: a plain Go error, i.e. UNKNOWN with its message (trailers only).
                 log.warning("agent refused agent_id=%s peer=%s reason=%s", agent_id, context.peer(), exc)
-                await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                await self._refuse(context, grpc.StatusCode.UNKNOWN, str(exc))
         await context.send_initial_metadata(
             ((metadata.SERVER_ID, self.server_id), (metadata.SERVER_COUNT, str(self.server_count)))
         )

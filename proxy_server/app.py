@@ -18,8 +18,9 @@ import grpc.aio
 from proxy_common import probes
 from proxy_common.errors import ConfigError
 from proxy_common.tasks import two_stage_signals
-from proxy_server import debug
+from proxy_server import debug, tokenreview
 from proxy_server.agent_service import AgentServicer, Authenticator
+from proxy_server.auth import AuthPolicy
 from proxy_server.backends import BackendRegistry
 from proxy_server.config import ServerConfig
 from proxy_server.frontend_service import ProxyServicer
@@ -30,6 +31,7 @@ from proxy_server.switchboard import Switchboard
 log = logging.getLogger("proxy_server")
 
 MAX_MESSAGE_BYTES = 16 << 20
+MAX_AGENT_METADATA_BYTES = 16 << 10
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -70,6 +72,7 @@ class ProxyServer:
             overflow_wait=config.overflow_wait,
         )
         self.authenticate = authenticate
+        self.token_auth: tokenreview.AgentTokenAuth | None = None
         self.agent_port = 0
         self.frontend_port = 0
         self._servers: list[grpc.aio.Server] = []
@@ -81,6 +84,8 @@ class ProxyServer:
         self.admin_port_bound = 0
 
     async def start(self) -> None:
+        self._check_cipher_suites()
+        self._start_token_auth()
         await self._start_probes()
         await self._start_agent_listener()
         if self.config.mode == "grpc":
@@ -93,9 +98,33 @@ class ProxyServer:
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
         await self._stop_probes()
         self._servers.clear()
+        if self.token_auth is not None:
+            await self.token_auth.aclose()
+            self.token_auth = None
         if self._uds_created:
             Path(self.config.uds_name).unlink(missing_ok=True)
             self._uds_created = False
+
+    def _check_cipher_suites(self) -> None:
+        """grpcio takes its cipher list from the environment when grpc is imported (the CLI sets it)."""
+        wanted = self.config.openssl_cipher_list()
+        if wanted and os.environ.get("GRPC_SSL_CIPHER_SUITES") != wanted:
+            raise ConfigError([f"--cipher-suites applies process-wide from the moment grpc is imported; start "
+                               f"through the proxy-server command or set GRPC_SSL_CIPHER_SUITES={wanted}"])
+
+    def _start_token_auth(self) -> None:
+        """TokenReview authentication of agents when --agent-namespace is set (unless a hook was given)."""
+        c = self.config
+        if not c.token_auth or self.authenticate is not None:
+            return
+        self.token_auth = tokenreview.build(
+            policy=AuthPolicy(c.agent_namespace, c.agent_service_account, c.authentication_audience),
+            kubeconfig=c.kubeconfig, registry=self.metrics.registry, content_type=c.kube_api_content_type,
+            qps=c.kubeconfig_qps, burst=c.kubeconfig_burst, timeout=c.token_review_timeout,
+            success_ttl=c.token_review_cache_ttl, failure_ttl=c.token_review_failure_ttl,
+            cache_size=c.token_review_cache_size,
+        )
+        self.authenticate = self.token_auth.authenticator
 
     async def _start_agent_listener(self) -> None:
         c = self.config
@@ -170,6 +199,10 @@ class ProxyServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
             ("grpc.http2.max_pings_without_data", 0),
+            # Headers of unauthenticated peers are bounded: above 16 KiB grpc refuses the stream
+            # (RESOURCE_EXHAUSTED) before any handler runs; soft = hard keeps that deterministic.
+            ("grpc.max_metadata_size", MAX_AGENT_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_AGENT_METADATA_BYTES),
         ]
 
     def _frontend_options(self) -> list[tuple[str, int]]:

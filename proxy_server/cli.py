@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -71,7 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--kubeconfig", default=d.kubeconfig, help="kubeconfig for the Kubernetes API; empty = in-cluster")
     au.add_argument("--kubeconfig-qps", type=float, default=d.kubeconfig_qps, help="API client QPS (0 = default)")
     au.add_argument("--kubeconfig-burst", type=int, default=d.kubeconfig_burst, help="API client burst (0 = default)")
-    au.add_argument("--kube-api-content-type", default=d.kube_api_content_type, help="API request content type")
+    au.add_argument("--kube-api-content-type", default=d.kube_api_content_type,
+                    help="accepted; the Python Kubernetes client always sends JSON")
+    au.add_argument("--token-review-cache-ttl", type=flags.duration, default=d.token_review_cache_ttl,
+                    help="how long a TokenReview that vouched for a token is reused (capped by the token's expiry; 0 = off)")
+    au.add_argument("--token-review-failure-ttl", type=flags.duration, default=d.token_review_failure_ttl,
+                    help="how long a TokenReview that refused a token is reused (0 = off)")
+    au.add_argument("--token-review-cache-size", type=int, default=d.token_review_cache_size,
+                    help="most TokenReview answers kept (least recently used go first)")
+    au.add_argument("--token-review-timeout", type=flags.duration, default=d.token_review_timeout,
+                    help="bound on one TokenReview; no answer in time refuses the agent")
     ops = p.add_argument_group("health, admin and lifecycle")
     ops.add_argument("--health-port", type=flags.port, default=d.health_port, help="/healthz /readyz /metrics port")
     ops.add_argument("--health-bind-address", default=d.health_bind_address, help="health bind address (default all)")
@@ -101,6 +111,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         authentication_audience=args.authentication_audience, kubeconfig=args.kubeconfig,
         kubeconfig_qps=args.kubeconfig_qps, kubeconfig_burst=args.kubeconfig_burst,
         kube_api_content_type=args.kube_api_content_type,
+        token_review_cache_ttl=args.token_review_cache_ttl, token_review_failure_ttl=args.token_review_failure_ttl,
+        token_review_cache_size=args.token_review_cache_size, token_review_timeout=args.token_review_timeout,
         proxy_strategies=tuple(s for s in args.proxy_strategies.split(",") if s),
         cipher_suites=tuple(s for s in args.cipher_suites.split(",") if s), tls_min_version=args.tls_min_version,
         xfr_channel_size=args.xfr_channel_size, enable_lease_controller=args.enable_lease_controller,
@@ -137,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ignored += [name for name in NOT_YET if getattr(args, name[2:].replace("-", "_"))]
     if ignored:
         log.info("flags accepted for compatibility, without effect here flags=%s", ",".join(ignored))
+    if config.cipher_suites:
+        # grpcio reads its cipher list once, when grpc is imported: set it before that.
+        os.environ["GRPC_SSL_CIPHER_SUITES"] = config.openssl_cipher_list()
     from proxy_server import app  # imported late so `--help` stays fast
 
     return asyncio.run(app.serve(config))

@@ -16,6 +16,29 @@ from proxy_server.backends import STRATEGIES
 
 MODES = ("grpc", "http-connect")
 TLS_VERSIONS = ("", "VersionTLS10", "VersionTLS11", "VersionTLS12", "VersionTLS13")
+# --cipher-suites: Go's names of its secure TLS 1.2 suites -> OpenSSL/BoringSSL names. grpcio
+# reads them from GRPC_SSL_CIPHER_SUITES once, when grpc is imported, for the whole process.
+CIPHER_SUITES = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+}
+# TLS 1.3 suites are always on (as in Go, where listing them changes nothing).
+TLS13_CIPHER_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
+
 
 
 def default_server_id() -> str:
@@ -68,6 +91,10 @@ class ServerConfig:
     frontend_buffer_bytes: int = 4 << 20
     overflow_wait: float = 5.0
     frontend_header_timeout: float = 60.0
+    token_review_cache_ttl: float = 120.0
+    token_review_failure_ttl: float = 10.0
+    token_review_cache_size: int = 10_000
+    token_review_timeout: float = 10.0
 
     @property
     def token_auth(self) -> bool:
@@ -105,10 +132,16 @@ class ServerConfig:
             problems.append(f"unknown --proxy-strategies {unknown}; known: {', '.join(STRATEGIES)}")
         if self.tls_min_version not in TLS_VERSIONS:
             problems.append(f"--tls-min-version must be one of {', '.join(v for v in TLS_VERSIONS if v)}")
+        problems += self._tls_problems()
         if self.enable_contention_profiling and not self.enable_profiling:
             problems.append("--enable-contention-profiling requires --enable-profiling")
         if self.frontend_buffer_bytes <= 0:
             problems.append("--frontend-buffer-bytes must be positive")
+        if min(self.token_review_cache_ttl, self.token_review_failure_ttl) < 0 or self.token_review_cache_size <= 0:
+            problems.append("--token-review-cache-ttl/--token-review-failure-ttl must not be negative and "
+                            "--token-review-cache-size must be positive")
+        if self.token_review_timeout <= 0:
+            problems.append("--token-review-timeout must be positive")
         if problems:
             raise ConfigError(problems)
 
@@ -119,6 +152,25 @@ class ServerConfig:
             ("--cluster-key", self.cluster_key), ("--cluster-ca-cert", self.cluster_ca_cert),
             ("--kubeconfig", self.kubeconfig),
         )
+
+    def openssl_cipher_list(self) -> str:
+        """`--cipher-suites` as the OpenSSL cipher list grpcio takes (TLS 1.2 suites only)."""
+        names = dict.fromkeys(CIPHER_SUITES[s] for s in self.cipher_suites if s in CIPHER_SUITES)
+        return ":".join(names)
+
+    def _tls_problems(self) -> list[str]:
+        problems = []
+        if self.tls_min_version == "VersionTLS13":
+            problems.append("--tls-min-version=VersionTLS13 cannot be honoured: grpcio offers no setting for the "
+                            "minimum TLS version, so TLS 1.2 would still be accepted (TLS 1.0 and 1.1 never are)")
+        unknown = [s for s in self.cipher_suites if s not in CIPHER_SUITES and s not in TLS13_CIPHER_SUITES]
+        if unknown:
+            problems.append(f"--cipher-suites: {', '.join(unknown)} not allowed (weak or unknown); "
+                            f"allowed: {', '.join([*CIPHER_SUITES, *TLS13_CIPHER_SUITES])}")
+        elif self.cipher_suites and not self.openssl_cipher_list():
+            problems.append("--cipher-suites names only TLS 1.3 suites; grpcio cannot turn TLS 1.2 off, "
+                            "so name at least one TLS 1.2 suite")
+        return problems
 
     def _auth_problems(self) -> list[str]:
         given = [self.agent_namespace, self.agent_service_account, self.authentication_audience]
