@@ -12,6 +12,7 @@ reconnect loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -32,10 +33,35 @@ from proxy_common.tasks import race
 log = logging.getLogger("proxy_agent")
 
 MAX_MESSAGE_BYTES = 16 << 20
+STATUS_GRACE = 1.0  # seconds a header-less answer may take to show its status
 
 
 class ConnectFailed(Exception):
     """A connection attempt to a server did not produce a usable stream."""
+
+
+class AuthRefused(ConnectFailed):
+    """The server refused the stream because of the agent's credentials."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+# How servers word an authentication refusal (the reference sends them with status UNKNOWN).
+AUTH_REFUSAL_TEXTS = ("Failed to validate authentication token", "Authentication context was not found",
+                      "too many (", "received token does not have")
+
+
+def refusal(code: grpc.StatusCode, details: str) -> ConnectFailed:
+    if code is grpc.StatusCode.UNAUTHENTICATED or details.startswith(AUTH_REFUSAL_TEXTS):
+        return AuthRefused(code.name, details)
+    return ConnectFailed(f"server refused the stream: {code.name}: {details}")
+
+
+def redact(text: str, secret: str) -> str:
+    """`text` without `secret` (a peer's message could quote what we sent)."""
+    return text.replace(secret, "[redacted]") if secret else text
 
 
 class Backoff:
@@ -59,9 +85,14 @@ class Backoff:
 def read_token(path: str) -> str:
     """The projected service-account token, re-read on every connect (it rotates)."""
     try:
-        return Path(path).read_text()
-    except OSError as exc:
-        raise AuthError(f"cannot read service account token file {path}: {exc.strerror or exc}") from exc
+        token = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise AuthError(f"cannot read service account token file {path}: {reason}") from None
+    if not token:
+        raise AuthError(f"service account token file {path} is empty")
+    return token
+
 
 
 @dataclass(slots=True)
@@ -96,6 +127,7 @@ class ServerConnector:
     async def connect(self) -> Connected:
         c = self.config
         md = self._metadata()
+        token = next((value[len(metadata.BEARER_PREFIX) :] for key, value in md if key == metadata.AUTHORIZATION), "")
         target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -112,8 +144,14 @@ class ServerConnector:
                 headers = await call.initial_metadata()
             server_id = metadata.single(headers, metadata.SERVER_ID)
             count_text = metadata.single(headers, metadata.SERVER_COUNT)
+            if not headers and not call.done():
+                # A trailers-only refusal can resolve the headers a moment before the status:
+                # give the status a short, bounded moment (a live stream is not waited on).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(STATUS_GRACE, c.connect_timeout)):
+                        await call.code()
             if call.done():  # trailers-only answer: the server refused the stream
-                raise ConnectFailed(f"server refused the stream: {(await call.code()).name}: {await call.details()}")
+                raise refusal(await call.code(), redact(await call.details() or "", token))
             if server_id is None:
                 raise ConnectFailed(f"expected one server ID in the response headers, got {metadata.values(headers, metadata.SERVER_ID)}")
             if count_text is None:
@@ -128,7 +166,7 @@ class ServerConnector:
             raise ConnectFailed(f"no answer from {target} within {c.connect_timeout}s") from None
         except grpc.aio.AioRpcError as exc:
             await channel.close()
-            raise ConnectFailed(f"{exc.code().name}: {exc.details()}") from exc
+            raise ConnectFailed(f"{exc.code().name}: {redact(exc.details() or '', token)}") from None
         except BaseException:
             await channel.close()
             raise
@@ -175,7 +213,17 @@ class ClientSet:
         self._next_target += 1
         try:
             connected = await connector.connect()
-        except (ConnectFailed, AuthError, TunnelBroken) as exc:
+        except AuthRefused as exc:
+            delay = backoff.failure()
+            log.warning("proxy server refused authentication address=%s:%d status=%s message=%s retry_in=%.1fs",
+                        connector.host, connector.port, exc.code, exc.message, delay)
+            return delay
+        except AuthError as exc:
+            delay = backoff.failure()
+            log.warning("no credentials for proxy server address=%s:%d error=%s retry_in=%.1fs",
+                        connector.host, connector.port, exc, delay)
+            return delay
+        except (ConnectFailed, TunnelBroken) as exc:
             delay = backoff.failure()
             log.warning("cannot connect to proxy server address=%s:%d error=%s retry_in=%.1fs",
                         connector.host, connector.port, exc, delay)
