@@ -4,6 +4,8 @@ manifests (configs/), signalled by PID.
 * agent, first SIGTERM: DRAIN to the server, new dials refused, open connections finish,
   exit 0; second SIGTERM: exit at once.
 * server, SIGTERM: stop accepting, close, remove the socket, exit 0.
+* the documentation's whole setup: `proxy-server certs`, the static Pod's args, the
+  DaemonSet's args, token authentication through the kubeconfig, probes, a request.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from proxy_server import certs_command
 from proxy_server.backends import Backend
 from tests import http_probe
 from tests import manifests as m
-from tests.harness import Stack, echo_handler, endpoint, wait_for
+from tests.fakekube import FakeKube
+from tests.harness import Stack, echo_handler, endpoint, http_handler, wait_for
 from tests.processes import child
 
 pytestmark = pytest.mark.integration
+AUDIENCE = "system:konnectivity-server"
 
 
 def agent_args(pki: DemoPki, port: int, token: Path, *extra: str) -> list[str]:
@@ -165,3 +169,44 @@ async def test_server_sigterm_closes_open_streams_removes_its_socket_and_exits_0
     assert not socket.exists(), "the server removed its socket"
     with pytest.raises(OSError):
         await http_probe.get(health, "/healthz")
+
+
+async def test_the_documentation_setup_runs_and_stops_cleanly(pki: DemoPki, short_tmp: Path, tmp_path: Path) -> None:
+    token = "projected-token-for-konnectivity-agent"
+    (short_tmp / "token").write_text(token)
+    socket = short_tmp / "konnectivity-server.socket"
+    with FakeKube(pki) as kube:
+        kube.add_service_account_token(token, "kube-system", "konnectivity-agent", audiences=(AUDIENCE,))
+        # 1. the certificate and kubeconfig, from the cluster CA, as the documentation makes them
+        assert certs_command.main(["--out", str(tmp_path / "etc"), "--ca-cert", str(pki.ca_cert),
+                                   "--ca-key", str(pki.ca_cert.with_name("ca.key")), "--apiserver-url", kube.url]) == 0
+        kubeconfig = tmp_path / "etc" / "konnectivity-server.conf"
+        # 2. the static Pod's args
+        async with child("proxy_server", *server_args(pki, socket, kubeconfig), name="server") as server:
+            health = await server.port("health listener started")
+            admin = await server.port("admin listener started")
+            agent_port = await server.port("agent port listening")
+            assert (await http_probe.get(health, "/healthz")).body == b"ok"
+            assert (await http_probe.get(health, "/readyz")).status == 500
+            # 3. the DaemonSet's args, with a token the server checks through the kubeconfig
+            async with child("proxy_agent", *agent_args(pki, agent_port, short_tmp / "token"), name="agent") as agent:
+                await http_probe.wait_status(health, "/readyz", 200)
+                await http_probe.wait_status(await agent.port("health listener started"), "/readyz", 200)
+                assert kube.reviewed_tokens()[:1] == [token]
+                assert kube.token_reviews[0].audiences == (AUDIENCE,)
+                async with endpoint(http_handler) as ep:
+                    tunnel = await open_tunnel(ep.address, uds_path=str(socket))
+                    reader, writer = await tunnel.open_streams()
+                    writer.write(f"GET /through-konnectivity HTTP/1.1\r\nHost: {ep.address}\r\n\r\n".encode())
+                    await writer.drain()
+                    assert (await reader.read()).endswith(b"hello from /through-konnectivity</body></html>")
+                    writer.close()
+                metrics = (await http_probe.get(admin, "/metrics")).text
+                assert 'konnectivity_network_proxy_server_grpc_connections{service_method="Connect"} 1.0' in metrics
+                agent.terminate()
+                assert await agent.wait_exit(timeout=15) == 0
+            await http_probe.wait_status(health, "/readyz", 500)
+            server.terminate()
+            assert await server.wait_exit(timeout=10) == 0
+        assert not socket.exists(), "the server removed its socket"
+    assert "cannot" not in server.log.lower() and " E " not in server.log
