@@ -227,10 +227,11 @@ def load_client_configuration(kubeconfig: str) -> kube.Configuration:
     configuration = kube.Configuration()
     try:
         if kubeconfig:
-            kube_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration,
-                                         persist_config=False)
+            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, client_configuration=configuration, persist_config=False
+            )
         else:
-            kube_config.load_incluster_config(client_configuration=configuration)
+            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except (ConfigException, OSError, ValueError) as exc:
         where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster configuration (--kubeconfig is empty)"
         raise ConfigError([f"cannot load {where}: {exc}"]) from exc
@@ -308,7 +309,7 @@ class KubeTokenReviewer:
     async def aclose(self) -> None:
         """Wait for reviews still running in threads (bounded by their timeout), then close sockets."""
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        self._api_client.close()
+        self._api_client.close()  # type: ignore[no-untyped-call]
 
 
 def _result_of(answer: Any, token: str) -> ReviewResult:

@@ -24,6 +24,7 @@ import pytest
 
 from proxy_common.certs import DemoPki
 from proxy_common.client import TunnelDialError, open_tunnel
+from proxy_common.errors import ConfigError
 from proxy_common.streams import CONNECT_METHOD
 from proxy_server.auth import MAX_TOKEN_BYTES
 from proxy_server.router import NO_AGENT_ERROR
@@ -201,6 +202,19 @@ async def test_unreachable_apiserver_fails_closed(pki: DemoPki, short_tmp: Path,
         assert answer.details.endswith('/apis/authentication.k8s.io/v1/tokenreviews": connect: connection refused')
         await assert_no_agent_gets_a_dial(stack)
         assert metric(stack, AUTHS, result="api_unavailable") == 1
+
+
+async def test_no_kubeconfig_outside_a_cluster_stops_the_server_from_starting(
+    pki: DemoPki, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    overrides = dict(auth_overrides(Path()), kubeconfig="")  # empty: in-cluster configuration
+    server = Stack(pki, short_tmp, **overrides).server
+    try:
+        with pytest.raises(ConfigError, match=r"cannot load in-cluster configuration \(--kubeconfig is empty\)"):
+            await server.start()
+    finally:
+        await server.stop(0)
 
 
 async def test_forbidden_tokenreview_fails_closed_with_the_api_message(stack: Stack, fake: FakeKube) -> None:
