@@ -27,6 +27,7 @@ class ProxyAgent:
         self.config = config
         self.metrics = AgentMetrics()
         self.clients = ClientSet(config, self.metrics)
+        self.metrics.buffered_bytes.set_function(self.clients.buffered_bytes)
         self.metrics.data_bytes.live = self._live_bytes
         self.metrics_page = probes.MetricsPage(self.metrics.render, self.metrics.registry)
         self._probes: list[probes.ProbeServer] = []

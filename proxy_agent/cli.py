@@ -6,14 +6,13 @@ ROOT. Flag names and defaults are the reference's; Go duration syntax is accepte
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
 
-from proxy_common import flags, logs
-from proxy_common.errors import ConfigError
 from proxy_agent.config import AgentConfig, default_agent_id
+from proxy_common import flags, logs, tasks
+from proxy_common.errors import ConfigError
 
 NOT_YET = ("--enable-profiling", "--enable-contention-profiling")
 DEPRECATED = ("--warn-on-channel-limit",)
@@ -56,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bytes buffered per connection toward a slow endpoint (default 4 MiB)")
     ep.add_argument("--overflow-wait", type=flags.duration, default=d.overflow_wait,
                     help="how long a full endpoint buffer may hold the server stream before that connection is closed")
+    flags.add_bool(ep, "--flow-control", d.flow_control,
+                   "use one stream per connection with servers that offer it, so a slow reader slows only itself (default true)")
     ls = p.add_argument_group("server counting")
     flags.add_bool(ls, "--count-server-leases", d.count_server_leases, "count servers from Leases")
     ls.add_argument("--lease-namespace", default=d.lease_namespace, help="namespace of the server Leases")
@@ -97,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         dial_timeout=args.dial_timeout, read_chunk_bytes=args.read_chunk_bytes,
         endpoint_buffer_bytes=args.endpoint_buffer_bytes, overflow_wait=args.overflow_wait,
         drain_grace=args.drain_grace, connect_timeout=args.connect_timeout,
+        flow_control=args.flow_control,
     )
 
 
@@ -124,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("flags accepted for compatibility, without effect here flags=%s", ",".join(ignored))
     from proxy_agent import app
 
-    return asyncio.run(app.serve(config))
+    return tasks.run(app.serve(config))
 
 
 if __name__ == "__main__":

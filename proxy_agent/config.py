@@ -55,6 +55,7 @@ class AgentConfig:
     overflow_wait: float = 5.0
     drain_grace: float = 0.0
     connect_timeout: float = 10.0
+    flow_control: bool = True
 
     def server_targets(self) -> tuple[tuple[str, int], ...]:
         """(host, port) of every server address to keep a stream to."""

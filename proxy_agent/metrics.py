@@ -129,6 +129,11 @@ class AgentMetrics:
         GCCollector(registry=reg)
         self.known_server_count.set(1)
         self._packet_children: dict[tuple[str, type], Counter] = {}
+        self.buffered_bytes = Gauge(
+            PREFIX + "buffered_bytes",
+            "Payload bytes currently queued in this process's per-stream and per-connection buffers.",
+            registry=reg,
+        )
 
     def _lease_families(self, reg: CollectorRegistry) -> None:
         """Lease counting's families (labelled: they appear with their first sample)."""

@@ -18,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
+import grpc.aio
 from dataclasses import dataclass, field
 
 from proxy_agent import connections as c
 from proxy_agent.config import AgentConfig
 from proxy_agent.dialer import open_tcp
+from proxy_agent.flow import serve_on_own_stream
 from proxy_agent.metrics import AgentMetrics
 from proxy_common.errors import DialError, MalformedPacket, TunnelBroken, TunnelClosed
 from proxy_common.mailbox import Mailbox, MailboxClosed
@@ -54,12 +57,22 @@ class _Endpoint:
 
 class Session:
     def __init__(
-        self, stream: PacketStream, config: AgentConfig, metrics: AgentMetrics, *, server_id: str
+        self,
+        stream: PacketStream,
+        config: AgentConfig,
+        metrics: AgentMetrics,
+        *,
+        server_id: str,
+        channel: grpc.aio.Channel | None = None,
+        flow_token: str | None = None,
     ) -> None:
         self.stream = stream
         self.config = config
         self.metrics = metrics
         self.server_id = server_id
+        # Per-connection streams (proto/flow.proto) when the server offered them.
+        self.channel = channel
+        self.flow_token = flow_token
         self.table = c.ConnectionTable()
         self.outbox: Mailbox[Message] = Mailbox(config.endpoint_buffer_bytes, message_size)
         self.endpoints: dict[int, _Endpoint] = {}
@@ -88,6 +101,9 @@ class Session:
             log.warning("malformed packet from server server_id=%s error=%s", self.server_id, group.exceptions[0])
         finally:
             self._group = None
+
+    def buffered_bytes(self) -> int:
+        return self.outbox.buffered_bytes + sum(e.inbox.buffered_bytes for e in self.endpoints.values())
 
     def send_drain(self) -> None:
         """Tell the server to avoid this agent for new dials (first SIGTERM)."""
@@ -214,6 +230,9 @@ class Session:
         self.metrics.open_endpoint_connections.inc()
         log.debug("endpoint connected conn_id=%d address=%s", conn_id, endpoint.address)
         try:
+            if self.flow_token is not None:
+                await serve_on_own_stream(self, endpoint, reader, writer)
+                return
             self._apply(self.table.dial_succeeded(conn_id))
             async with asyncio.timeout(None) as deadline:
                 endpoint.deadline = deadline

@@ -27,7 +27,7 @@ from proxy_agent.metrics import AgentMetrics
 from proxy_agent.session import Session
 from proxy_common import metadata
 from proxy_common.errors import AuthError, TunnelBroken
-from proxy_common.streams import CONNECT_METHOD, ClientStream
+from proxy_common.streams import CONNECT_METHOD, TRANSPORT_OPTIONS, ClientStream
 from proxy_common.tasks import race
 
 log = logging.getLogger("proxy_agent")
@@ -94,13 +94,13 @@ def read_token(path: str) -> str:
     return token
 
 
-
 @dataclass(slots=True)
 class Connected:
     server_id: str
     server_count: int
     channel: grpc.aio.Channel
     stream: ClientStream
+    flow_token: str | None = None
 
 
 class ServerConnector:
@@ -120,6 +120,8 @@ class ServerConnector:
     def _metadata(self) -> list[tuple[str, str]]:
         c = self.config
         md = [(metadata.AGENT_ID, c.agent_id), (metadata.AGENT_IDENTIFIERS, c.agent_identifiers)]
+        if c.flow_control:
+            md.append((metadata.FLOW_CONTROL, metadata.FLOW_CONTROL_VERSION))
         if c.service_account_token_path:
             md.append((metadata.AUTHORIZATION, metadata.BEARER_PREFIX + read_token(c.service_account_token_path)))
         return md
@@ -132,6 +134,7 @@ class ServerConnector:
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *TRANSPORT_OPTIONS,
             ("grpc.keepalive_time_ms", int(c.keepalive_time * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.use_local_subchannel_pool", 1),  # a fresh TCP connection per stream
@@ -160,7 +163,10 @@ class ServerConnector:
                 count = int(count_text)
             except ValueError:
                 raise ConnectFailed(f"invalid servercount {count_text!r}") from None
-            return Connected(server_id, count, channel, ClientStream(call))
+            flow_token = None
+            if c.flow_control and metadata.single(headers, metadata.FLOW_CONTROL) == metadata.FLOW_CONTROL_VERSION:
+                flow_token = metadata.single(headers, metadata.SESSION)
+            return Connected(server_id, count, channel, ClientStream(call), flow_token)
         except TimeoutError:
             await channel.close()
             raise ConnectFailed(f"no answer from {target} within {c.connect_timeout}s") from None
@@ -188,6 +194,10 @@ class ClientSet:
     @property
     def target_count(self) -> int:
         return max(1, self.last_server_count, len(self._connectors))
+
+    def buffered_bytes(self) -> int:
+        """Payload bytes queued toward servers and endpoints (the buffered-bytes gauge)."""
+        return sum(session.buffered_bytes() for session in list(self.sessions.values()))
 
     def is_connected(self) -> bool:
         return bool(self.sessions)
@@ -236,7 +246,10 @@ class ClientSet:
             return delay
         self.last_server_count = max(connected.server_count, 1)
         self.metrics.known_server_count.set(self.target_count)
-        session = Session(connected.stream, self.config, self.metrics, server_id=connected.server_id)
+        session = Session(
+            connected.stream, self.config, self.metrics, server_id=connected.server_id,
+            channel=connected.channel, flow_token=connected.flow_token,
+        )
         self.sessions[connected.server_id] = session
         self.metrics.open_server_connections.set(len(self.sessions))
         group.create_task(self._serve(session, connected), name=f"session server_id={connected.server_id}")

@@ -31,7 +31,7 @@ import grpc.aio
 from proxy_common.errors import ProxyError, TunnelBroken, TunnelClosed
 from proxy_common.mailbox import Mailbox, MailboxClosed
 from proxy_common.messages import CloseDial, CloseRequest, CloseResponse, Data, DialRequest, DialResponse
-from proxy_common.streams import PROXY_METHOD, ClientStream
+from proxy_common.streams import PROXY_METHOD, TRANSPORT_OPTIONS, ClientStream
 
 DIAL_TIMEOUT_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 10.0
@@ -41,6 +41,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
+    *TRANSPORT_OPTIONS,
 ]
 
 
@@ -73,7 +74,7 @@ class Tunnel:
         self.conn_id = 0
         self._stream = stream
         self._channel = owned_channel
-        self._inbox: Mailbox[bytes] = Mailbox(RECEIVE_BUFFER_BYTES, len)
+        self._inbox: Mailbox[bytes | memoryview] = Mailbox(RECEIVE_BUFFER_BYTES, len)
         self._closed_by_server = asyncio.Event()
         self.close_error = ""
         self._reader: asyncio.Task[None] | None = None
@@ -124,7 +125,7 @@ class Tunnel:
             while True:
                 message = await self._stream.receive()
                 if type(message) is Data:
-                    if message.conn_id == self.conn_id and message.data:
+                    if message.conn_id == self.conn_id and message.data and not self._closing:
                         await self._inbox.put(message.data)
                 elif type(message) is CloseResponse and message.conn_id == self.conn_id:
                     self.close_error = message.error
@@ -149,13 +150,14 @@ class Tunnel:
     async def receive(self) -> bytes:
         """The next chunk from the remote end; b"" once it has closed."""
         chunk = await self._inbox.get()
-        return chunk if chunk is not None else b""
+        return bytes(chunk) if chunk is not None else b""
 
     async def aclose(self) -> None:
         """CLOSE_REQ, wait (bounded) for CLOSE_RSP, then end the stream and its connection."""
         if self._closing:
             return
         self._closing = True
+        self._inbox.clear()  # nobody reads any more: let data still arriving drain away
         try:
             if not self._closed_by_server.is_set():
                 with contextlib.suppress(TunnelClosed, TunnelBroken):

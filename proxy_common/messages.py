@@ -7,7 +7,7 @@ Payload bytes never appear in a repr, so they cannot reach a log line by acciden
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +30,27 @@ class DialResponse:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """Payload bytes for one connection (DATA)."""
+    """Payload bytes for one connection (DATA).
+
+    `data` may be a memoryview into the packet it was read from. `raw`, when set, is that
+    serialized packet: forwarding a DATA unchanged (as the server does both ways) sends it
+    as is instead of serializing it again."""
 
     conn_id: int
-    data: bytes
+    data: bytes | memoryview
     error: str = ""
+    raw: bytes | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return f"Data(conn_id={self.conn_id}, {len(self.data)} bytes)"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Data:
+            return NotImplemented
+        return (self.conn_id, bytes(self.data), self.error) == (other.conn_id, bytes(other.data), other.error)
+
+    def __hash__(self) -> int:
+        return hash((self.conn_id, bytes(self.data), self.error))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,60 @@ _PAYLOAD_FOR_TYPE = {
 }
 
 
+_DATA_PREFIX = b"\x08\x04\x22"  # type=DATA, then field 4 (the Data payload), length-delimited
+_U64 = (1 << 64) - 1
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Read a protobuf varint at `pos`; returns (value, next position). IndexError if cut."""
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fast_data(raw: bytes) -> Data | None:
+    """DATA in the canonical layout every Go and Python peer writes, parsed without copying
+    the payload; None for anything else (the general parser then decides)."""
+    try:
+        inner_len, pos = _varint(raw, 3)
+        if pos + inner_len != len(raw):
+            return None
+        conn_id = 0
+        if pos < len(raw) and raw[pos] == 0x08:
+            conn_id, pos = _varint(raw, pos + 1)
+        if pos < len(raw) and raw[pos] == 0x12:
+            return None  # error text present: rare, let protobuf handle it
+        payload = memoryview(raw)[0:0]
+        if pos < len(raw) and raw[pos] == 0x1A:
+            size, pos = _varint(raw, pos + 1)
+            if pos + size != len(raw):
+                return None
+            payload = memoryview(raw)[pos:]
+            pos += size
+        if pos != len(raw):
+            return None
+        return Data(_signed(conn_id), payload, "", raw)
+    except IndexError:
+        return None
+
+
 def decode(raw: bytes) -> Message:
     """Parse one serialized Packet. Raises MalformedPacket when it means nothing."""
+    if raw[:3] == _DATA_PREFIX:
+        fast = _fast_data(raw)
+        if fast is not None:
+            return fast
     try:
         packet = pb.Packet.FromString(raw)
     except DecodeError as exc:
@@ -88,7 +140,7 @@ def to_packet(message: Message) -> pb.Packet:
     """Build the Packet for a message, with the matching payload always present."""
     match message:
         case Data(conn_id=conn_id, data=data, error=error):
-            return pb.Packet(type=pb.DATA, data=pb.Data(connectID=conn_id, data=data, error=error))
+            return pb.Packet(type=pb.DATA, data=pb.Data(connectID=conn_id, data=bytes(data), error=error))
         case DialRequest(dial_id=dial_id, address=address, protocol=protocol):
             request = pb.DialRequest(protocol=protocol, address=address, random=dial_id)
             return pb.Packet(type=pb.DIAL_REQ, dialRequest=request)
@@ -108,6 +160,27 @@ def to_packet(message: Message) -> pb.Packet:
             assert_never(message)
 
 
+def _varint_bytes(value: int) -> bytes:
+    value &= _U64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_data(conn_id: int, payload: bytes | memoryview) -> bytes:
+    """Serialize DATA{conn_id, payload} with one copy of the payload, byte-identical to
+    protobuf's own serialization (fields in number order, zero values omitted)."""
+    inner = (b"\x08" + _varint_bytes(conn_id) if conn_id else b"") + (
+        b"\x1a" + _varint_bytes(len(payload)) if len(payload) else b""
+    )
+    return b"".join((_DATA_PREFIX, _varint_bytes(len(inner) + len(payload)), inner, payload))
+
+
 def encode(message: Message) -> bytes:
     """Serialize a message as the Go peers expect it."""
+    if type(message) is Data and not message.error:
+        return message.raw if message.raw is not None else encode_data(message.conn_id, message.data)
     return to_packet(message).SerializeToString()

@@ -11,6 +11,7 @@ failed or closed toward their frontends.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,11 +37,13 @@ class AgentServicer:
         server_id: str,
         server_count: int,
         authenticate: Authenticator | None = None,
+        flow_control: bool = True,
     ) -> None:
         self.board = board
         self.server_id = server_id
         self.server_count = server_count
         self.authenticate = authenticate
+        self.flow_control = flow_control
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.connect)
@@ -65,18 +68,28 @@ class AgentServicer:
                 # The reference's status: a plain Go error, i.e. UNKNOWN with its message (trailers only).
                 log.warning("agent refused agent_id=%s peer=%s reason=%s", agent_id, context.peer(), exc)
                 await self._refuse(context, grpc.StatusCode.UNKNOWN, str(exc))
-        await context.send_initial_metadata(
-            ((metadata.SERVER_ID, self.server_id), (metadata.SERVER_COUNT, str(self.server_count)))
-        )
+        headers = [(metadata.SERVER_ID, self.server_id), (metadata.SERVER_COUNT, str(self.server_count))]
+        flow_token = None
+        if self.flow_control and metadata.single(md, metadata.FLOW_CONTROL) == metadata.FLOW_CONTROL_VERSION:
+            # Our own agent: offer one stream per connection. Go agents get exactly the reference headers.
+            flow_token = secrets.token_hex(16)
+            headers += [(metadata.FLOW_CONTROL, metadata.FLOW_CONTROL_VERSION), (metadata.SESSION, flow_token)]
+        await context.send_initial_metadata(tuple(headers))
         assert agent_id is not None
-        await self._serve(context, agent_id, agent_ids)
+        await self._serve(context, agent_id, agent_ids, flow_token)
 
     async def _serve(
-        self, context: grpc.aio.ServicerContext[Any, Any], agent_id: str, agent_ids: identifiers.AgentIdentifiers
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        agent_id: str,
+        agent_ids: identifiers.AgentIdentifiers,
+        flow_token: str | None = None,
     ) -> None:
         metrics = self.board.metrics
         label = f"agent_id={agent_id} peer={context.peer()}"
         backend_id, link = self.board.open_backend(agent_id, agent_ids, label)
+        if flow_token is not None:
+            self.board.flow_sessions[flow_token] = backend_id
         metrics.grpc_connections.labels("Connect").inc()
         log.info("agent connected %s backend_id=%d", label, backend_id)
         stream = ServerStream(context)

@@ -17,13 +17,16 @@ import grpc.aio
 
 from proxy_common import probes
 from proxy_common.errors import ConfigError
+from proxy_common.streams import TRANSPORT_OPTIONS
 from proxy_common.tasks import two_stage_signals
 from proxy_server import debug, tokenreview
 from proxy_server.agent_service import AgentServicer, Authenticator
 from proxy_server.auth import AuthPolicy
 from proxy_server.backends import BackendRegistry
 from proxy_server.config import ServerConfig
+from proxy_server.connection_service import ConnectionServicer
 from proxy_server.frontend_service import ProxyServicer
+from proxy_server.http_connect import HttpConnectFrontend, frontend_tls_context
 from proxy_server.metrics import ServerMetrics
 from proxy_server.router import Router
 from proxy_server.switchboard import Switchboard
@@ -70,13 +73,16 @@ class ProxyServer:
             self.metrics,
             frontend_buffer_bytes=config.frontend_buffer_bytes,
             overflow_wait=config.overflow_wait,
+            stall_timeout=config.stalled_connection_timeout,
         )
+        self.metrics.buffered_bytes.set_function(self.board.buffered_bytes)
         self.authenticate = authenticate
         self.token_auth: tokenreview.AgentTokenAuth | None = None
         self.agent_port = 0
         self.frontend_port = 0
         self._servers: list[grpc.aio.Server] = []
         self._uds_created = False
+        self._http: HttpConnectFrontend | None = None
         self.metrics.data_bytes.live = self.board.live_bytes
         self.metrics_page = probes.MetricsPage(self.metrics.render, self.metrics.registry)
         self._probes: list[probes.ProbeServer] = []
@@ -91,11 +97,14 @@ class ProxyServer:
         if self.config.mode == "grpc":
             await self._start_grpc_frontend()
         else:
-            raise ConfigError([f"--mode={self.config.mode} is not available in this build"])
+            await self._start_http_connect_frontend()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, end every stream (after `grace` seconds at most), remove the socket."""
-        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        http, self._http = self._http, None
+        await asyncio.gather(
+            *(server.stop(grace) for server in self._servers), *([http.aclose(grace)] if http else [])
+        )
         await self._stop_probes()
         self._servers.clear()
         if self.token_auth is not None:
@@ -131,7 +140,8 @@ class ProxyServer:
         server = grpc.aio.server(options=self._agent_options())
         server.add_generic_rpc_handlers(
             (AgentServicer(self.board, server_id=c.server_id, server_count=c.server_count,
-                           authenticate=self.authenticate).handler(),)
+                           authenticate=self.authenticate, flow_control=c.flow_control).handler(),
+             ConnectionServicer(self.board).handler())
         )
         ca = _read(c.cluster_ca_cert) if c.cluster_ca_cert else None
         credentials = grpc.ssl_server_credentials(
@@ -170,6 +180,19 @@ class ProxyServer:
             log.info("frontend listening mode=grpc address=%s mtls=true", grpc_address(c.server_bind_address, self.frontend_port))
         self._servers.append(server)
 
+    async def _start_http_connect_frontend(self) -> None:
+        c = self.config
+        tls = None if c.uds_name else frontend_tls_context(c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version)
+        self._http = HttpConnectFrontend(
+            self.board, header_timeout=c.frontend_header_timeout, tls=tls, stall_limit=c.overflow_wait
+        )
+        if c.uds_name:
+            prepare_uds(c.uds_name, c.delete_existing_uds_file)
+            await self._http.listen_unix(c.uds_name, 0o660 if c.uds_group_access else 0o600)
+            self._uds_created = True
+        else:
+            self.frontend_port = await self._http.listen_tcp(c.server_bind_address, c.server_port)
+
     async def _start_probes(self) -> None:
         """The health listener (/healthz, /readyz, /metrics) and the admin listener (/metrics, /debug)."""
         c = self.config
@@ -192,6 +215,7 @@ class ProxyServer:
 
     def _agent_options(self) -> list[tuple[str, int]]:
         return [
+            *TRANSPORT_OPTIONS,
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -207,6 +231,7 @@ class ProxyServer:
 
     def _frontend_options(self) -> list[tuple[str, int]]:
         return [
+            *TRANSPORT_OPTIONS,
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

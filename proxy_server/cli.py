@@ -6,13 +6,12 @@ ROOT. Flag names and defaults are the reference's; Go duration syntax is accepte
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from proxy_common import flags, logs
+from proxy_common import flags, logs, tasks
 from proxy_common.errors import ConfigError
 from proxy_server.config import ServerConfig, default_server_id
 
@@ -46,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bytes buffered per connection toward a slow client (default 4 MiB)")
     fe.add_argument("--overflow-wait", type=flags.duration, default=d.overflow_wait,
                     help="how long a full client buffer may hold an agent stream before that one connection is closed")
+    fe.add_argument("--frontend-header-timeout", type=flags.duration, default=d.frontend_header_timeout,
+                    help="http-connect: limit on the TLS handshake and on each request head (default 1m)")
+    flags.add_bool(fe, "--flow-control", d.flow_control,
+                   "offer our agents one stream per connection, so a slow reader slows only itself (default true)")
+    fe.add_argument("--stalled-connection-timeout", type=flags.duration, default=d.stalled_connection_timeout,
+                    help="close a flow-controlled connection whose client has read nothing for this long; 0 = never")
     ag = p.add_argument_group("agent port")
     ag.add_argument("--agent-port", type=flags.port, default=d.agent_port, help="agent gRPC TLS port (default %(default)s)")
     ag.add_argument("--agent-bind-address", default=d.agent_bind_address, help="agent port bind address (default all)")
@@ -120,6 +125,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         graceful_shutdown_timeout=args.graceful_shutdown_timeout, backend_dial_timeout=args.backend_dial_timeout,
         enable_profiling=args.enable_profiling, enable_contention_profiling=args.enable_contention_profiling,
         frontend_buffer_bytes=args.frontend_buffer_bytes, overflow_wait=args.overflow_wait,
+        flow_control=args.flow_control, stalled_connection_timeout=args.stalled_connection_timeout,
+        frontend_header_timeout=args.frontend_header_timeout,
     )
 
 
@@ -154,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GRPC_SSL_CIPHER_SUITES"] = config.openssl_cipher_list()
     from proxy_server import app  # imported late so `--help` stays fast
 
-    return asyncio.run(app.serve(config))
+    return tasks.run(app.serve(config))
 
 
 if __name__ == "__main__":

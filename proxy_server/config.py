@@ -40,7 +40,6 @@ CIPHER_SUITES = {
 TLS13_CIPHER_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
 
 
-
 def default_server_id() -> str:
     return os.environ.get("PROXY_SERVER_ID") or str(uuid.uuid4())
 
@@ -90,6 +89,8 @@ class ServerConfig:
     # Our own settings (no reference equivalent).
     frontend_buffer_bytes: int = 4 << 20
     overflow_wait: float = 5.0
+    flow_control: bool = True
+    stalled_connection_timeout: float = 0.0
     frontend_header_timeout: float = 60.0
     token_review_cache_ttl: float = 120.0
     token_review_failure_ttl: float = 10.0
@@ -142,6 +143,8 @@ class ServerConfig:
                             "--token-review-cache-size must be positive")
         if self.token_review_timeout <= 0:
             problems.append("--token-review-timeout must be positive")
+        if self.frontend_header_timeout <= 0:
+            problems.append("--frontend-header-timeout must be positive")
         if problems:
             raise ConfigError(problems)
 

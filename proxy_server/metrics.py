@@ -159,6 +159,11 @@ class ServerMetrics:
         for name in strategies:
             self.ready_backends.labels(name).set(0)
         self._packet_children: dict[tuple[str, type], Counter] = {}
+        self.buffered_bytes = Gauge(
+            PREFIX + "buffered_bytes",
+            "Payload bytes currently queued in this process's per-stream and per-connection buffers.",
+            registry=reg,
+        )
 
     def _lease_families(self, reg: CollectorRegistry) -> None:
         """The lease garbage collector's families (labelled: they appear with their first sample)."""

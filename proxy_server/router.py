@@ -266,6 +266,17 @@ class Router:
             EndFrontend(frontend_id),
         ]
 
+    def connection_stream_lost(self, backend_id: int, conn_id: int) -> list[Action]:
+        """A flow-controlled connection's own stream ended: the agent side is gone."""
+        key = (backend_id, conn_id)
+        if key in self._closing:
+            self._closing.discard(key)
+            return []
+        if key not in self._established:
+            return []
+        self._forget(backend_id, "conn", conn_id)
+        return self._drop_established(backend_id, conn_id, "stream_lost")
+
     def dial_timed_out(self, dial_id: int) -> list[Action]:
         """The backend dial timeout fired for a dial that may still be pending."""
         entry = self._pending.get(dial_id)

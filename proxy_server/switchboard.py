@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from proxy_common.mailbox import Mailbox, MailboxClosed
-from proxy_common.messages import Data, DialRequest, Message, packet_type_name
+from proxy_common.messages import CloseRequest, Data, DialRequest, Message, packet_type_name
 from proxy_server import router as r
 from proxy_server.metrics import ServerMetrics
 
@@ -53,17 +53,22 @@ class Switchboard:
         frontend_buffer_bytes: int = 4 << 20,
         agent_buffer_bytes: int = 4 << 20,
         overflow_wait: float = 5.0,
+        stall_timeout: float = 0.0,
     ) -> None:
         self.router = router
         self.metrics = metrics
         self.frontend_buffer_bytes = frontend_buffer_bytes
         self.agent_buffer_bytes = agent_buffer_bytes
         self.overflow_wait = overflow_wait
+        self.stall_timeout = stall_timeout
         self.frontends: dict[int, Link] = {}
         self.backends: dict[int, Link] = {}
         self._ids = itertools.count(1)
         self._dial_started: dict[int, float] = {}
         self._conn_started: dict[tuple[int, int], float] = {}
+        # Flow-controlled connections (our own agents): one stream, so one Link, per connection.
+        self.connection_links: dict[tuple[int, int], Link] = {}
+        self.flow_sessions: dict[str, int] = {}  # session token -> backend_id
 
     # ------------------------------------------------------------- registration
     def open_frontend(self, label: str) -> tuple[int, Link]:
@@ -95,8 +100,33 @@ class Switchboard:
         if link is not None:
             link.mailbox.close()
             link.mailbox.clear()
+        for token in [t for t, bid in self.flow_sessions.items() if bid == backend_id]:
+            del self.flow_sessions[token]
+        for key in [k for k in self.connection_links if k[0] == backend_id]:
+            self.connection_links.pop(key).mailbox.close()
         self.execute_now(self.router.agent_lost(backend_id))
         self._update_backend_gauges()
+
+    def open_connection_link(self, backend_id: int, conn_id: int, label: str) -> Link:
+        """A flow-controlled connection's own stream to its agent (see proto/flow.proto)."""
+        link = Link(Mailbox(self.agent_buffer_bytes, message_size), label)
+        self.connection_links[(backend_id, conn_id)] = link
+        return link
+
+    def close_connection_link(self, backend_id: int, conn_id: int, link: Link) -> None:
+        """The connection's stream ended; if the router still holds the connection, the
+        agent side is gone: close it toward its frontend as an agent CLOSE_RSP would."""
+        if self.connection_links.get((backend_id, conn_id)) is link:
+            del self.connection_links[(backend_id, conn_id)]
+        link.mailbox.close()
+        link.mailbox.clear()
+        if backend_id in self.backends:
+            self.execute_now(self.router.connection_stream_lost(backend_id, conn_id))
+
+    def buffered_bytes(self) -> int:
+        """Payload bytes queued in every mailbox of this server (the buffered-bytes gauge)."""
+        links = [*self.frontends.values(), *self.backends.values(), *self.connection_links.values()]
+        return sum(link.mailbox.buffered_bytes for link in links)
 
     # ---------------------------------------------------------------- happenings
     async def from_frontend(self, frontend_id: int, message: Message) -> None:
@@ -109,20 +139,22 @@ class Switchboard:
             self.frontends[frontend_id].address = message.address
         await self.execute(self.router.from_frontend(frontend_id, message))
 
-    async def from_agent(self, backend_id: int, message: Message) -> None:
+    async def from_agent(self, backend_id: int, message: Message, *, own_stream: bool = False) -> None:
+        """A message from an agent. `own_stream`: it came on the connection's own stream, so
+        waiting for its frontend to read holds up nothing else (no overflow deadline)."""
         self.metrics.packet("from_agent", message)
-        await self.execute(self.router.from_agent(backend_id, message))
+        await self.execute(self.router.from_agent(backend_id, message), own_stream=own_stream)
         if type(message) is not Data:
             self._update_backend_gauges()
 
     # ----------------------------------------------------------------- execution
-    async def execute(self, actions: Iterable[r.Action]) -> None:
+    async def execute(self, actions: Iterable[r.Action], *, own_stream: bool = False) -> None:
         """Carry out actions in order; only DATA deliveries may wait."""
         for action in actions:
             if type(action) is r.SendToAgent and type(action.message) is Data:
                 await self._data_to_agent(action.backend_id, action.message)
             elif type(action) is r.SendToFrontend and type(action.message) is Data:
-                await self._data_to_frontend(action.frontend_id, action.message)
+                await self._data_to_frontend(action.frontend_id, action.message, own_stream)
             else:
                 self._carry_out(action)
 
@@ -132,7 +164,7 @@ class Switchboard:
             self._carry_out(action)
 
     async def _data_to_agent(self, backend_id: int, data: Data) -> None:
-        link = self.backends.get(backend_id)
+        link = self.connection_links.get((backend_id, data.conn_id)) or self.backends.get(backend_id)
         if link is None:
             return
         try:
@@ -141,12 +173,19 @@ class Switchboard:
             return
         self.metrics.packet("to_agent", data)
 
-    async def _data_to_frontend(self, frontend_id: int, data: Data) -> None:
+    async def _data_to_frontend(self, frontend_id: int, data: Data, own_stream: bool = False) -> None:
         link = self.frontends.get(frontend_id)
         if link is None:
             return
         try:
-            delivered = await link.mailbox.put_within(data, self.overflow_wait)
+            if own_stream and not self.stall_timeout:
+                # Backpressure reaches the agent through this connection's stream only: wait.
+                await link.mailbox.put(data)
+                delivered = True
+            elif own_stream:
+                delivered = await link.mailbox.put_within(data, self.stall_timeout)
+            else:
+                delivered = await link.mailbox.put_within(data, self.overflow_wait)
         except MailboxClosed:
             return
         if delivered:
@@ -164,6 +203,8 @@ class Switchboard:
         match action:
             case r.SendToAgent(backend_id=backend_id, message=message):
                 link = self.backends.get(backend_id)
+                if type(message) is CloseRequest:
+                    link = self.connection_links.get((backend_id, message.conn_id)) or link
                 if link is not None:
                     link.mailbox.force(message)
                     self.metrics.packet("to_agent", message)

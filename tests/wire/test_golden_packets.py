@@ -117,3 +117,26 @@ def test_arbitrary_bytes_decode_or_raise_malformed(raw: bytes) -> None:
     except MalformedPacket:
         return
     assert wire.decode(wire.encode(message)) == message
+
+
+@given(conn_id=st.integers(-(2**63), 2**63 - 1), payload=st.binary(max_size=300))
+def test_fast_data_encoding_is_byte_identical_to_protobuf(conn_id: int, payload: bytes) -> None:
+    from proxy_common.pb import client_pb2 as pb
+
+    expected = pb.Packet(type=pb.DATA, data=pb.Data(connectID=conn_id, data=payload)).SerializeToString()
+    assert wire.encode_data(conn_id, payload) == expected
+    decoded = wire.decode(expected)
+    assert decoded == Data(conn_id, payload)
+    assert wire.encode(decoded) == expected  # forwarded unchanged
+
+
+def test_fast_path_declines_unusual_layouts() -> None:
+    from proxy_common.pb import client_pb2 as pb
+
+    reordered = bytes.fromhex("08042206") + bytes.fromhex("1a0268690807")  # data before connectID
+    packet = pb.Packet.FromString(reordered)
+    assert (packet.data.connectID, packet.data.data) == (7, b"hi")
+    assert wire.decode(reordered) == Data(7, b"hi")
+    truncated = wire.encode_data(7, b"hello")[:-1]
+    with pytest.raises(MalformedPacket):
+        wire.decode(truncated)
