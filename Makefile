@@ -23,12 +23,16 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) scripts/gen_proto.py --check
 
+RUFF_PATHS := proxy_common proxy_server proxy_agent tests scripts bench
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check proxy_common proxy_server proxy_agent tests scripts bench
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/lint-imports
 
+# CI runs `make test`, so lint is enforced here too.
 test: $(STAMP)
 	$(PY) scripts/gen_proto.py --check
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 

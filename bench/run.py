@@ -18,7 +18,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.common import MiB, Processes, RssSampler, cpu_seconds, machine, processes, rss_bytes, self_cpu_seconds, write_results
+from bench.common import (
+    MiB,
+    Processes,
+    RssSampler,
+    cpu_seconds,
+    machine,
+    processes,
+    rss_bytes,
+    self_cpu_seconds,
+    write_results,
+)
 from proxy_common.client import TunnelClient, open_tunnel
 
 GiB = 1 << 30

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 import grpc.aio
-from dataclasses import dataclass, field
 
 from proxy_agent import connections as c
 from proxy_agent.config import AgentConfig

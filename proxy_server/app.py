@@ -60,6 +60,11 @@ def prepare_uds(path: str, delete_existing: bool) -> None:
     target.unlink()
 
 
+def remove_uds(path: str) -> None:
+    """Remove the frontend socket we created (one local unlink, like prepare_uds's; no need for a thread)."""
+    Path(path).unlink(missing_ok=True)
+
+
 class ProxyServer:
     """proxy-server's listeners around one switchboard."""
 
@@ -111,7 +116,7 @@ class ProxyServer:
             await self.token_auth.aclose()
             self.token_auth = None
         if self._uds_created:
-            Path(self.config.uds_name).unlink(missing_ok=True)
+            remove_uds(self.config.uds_name)
             self._uds_created = False
 
     def _check_cipher_suites(self) -> None:

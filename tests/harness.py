@@ -184,35 +184,35 @@ def expected_sha256(size: int, seed: bytes = b"seed") -> str:
 
 # --------------------------------------------------------------------------- stack
 def server_config(pki: DemoPki, tmp: Path, **overrides: Any) -> ServerConfig:
-    fields: dict[str, Any] = dict(
-        uds_name=str(tmp / "proxy.sock"),
-        server_port=0,
-        agent_port=0,
-        agent_bind_address="127.0.0.1",
-        cluster_cert=str(pki.server_cert),
-        cluster_key=str(pki.server_key),
-        server_id="test-server",
-        health_port=0,
-        admin_port=0,
-        health_bind_address="127.0.0.1",
-    )
+    fields: dict[str, Any] = {
+        "uds_name": str(tmp / "proxy.sock"),
+        "server_port": 0,
+        "agent_port": 0,
+        "agent_bind_address": "127.0.0.1",
+        "cluster_cert": str(pki.server_cert),
+        "cluster_key": str(pki.server_key),
+        "server_id": "test-server",
+        "health_port": 0,
+        "admin_port": 0,
+        "health_bind_address": "127.0.0.1",
+    }
     fields.update(overrides)
     return ServerConfig(**fields)
 
 
 def agent_config(pki: DemoPki, port: int, **overrides: Any) -> AgentConfig:
-    fields: dict[str, Any] = dict(
-        proxy_server_host="127.0.0.1",
-        proxy_server_port=port,
-        ca_cert=str(pki.ca_cert),
-        agent_id="test-agent",
-        sync_interval=0.1,
-        sync_interval_cap=0.5,
-        probe_interval=0.2,
-        health_server_port=0,
-        admin_server_port=0,
-        health_server_host="127.0.0.1",
-    )
+    fields: dict[str, Any] = {
+        "proxy_server_host": "127.0.0.1",
+        "proxy_server_port": port,
+        "ca_cert": str(pki.ca_cert),
+        "agent_id": "test-agent",
+        "sync_interval": 0.1,
+        "sync_interval_cap": 0.5,
+        "probe_interval": 0.2,
+        "health_server_port": 0,
+        "admin_server_port": 0,
+        "health_server_host": "127.0.0.1",
+    }
     fields.update(overrides)
     return AgentConfig(**fields)
 

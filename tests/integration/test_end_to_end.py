@@ -120,7 +120,7 @@ async def test_refused_dial_returns_the_reference_text(stack: Stack) -> None:
 
 
 async def test_no_agent_returns_the_reference_text(stack: Stack) -> None:
-    with pytest.raises(TunnelDialError, match="^No agent available$"):
+    with pytest.raises(TunnelDialError, match=r"^No agent available$"):
         await open_tunnel("127.0.0.1:80", uds_path=stack.uds)
     assert stack.server.metrics.dial_failures.value("no_agent") == 1
 

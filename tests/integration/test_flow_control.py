@@ -72,7 +72,7 @@ async def test_stalled_reader_does_not_slow_the_others_and_resumes_intact(stack:
     await stack.wait_idle()
 
 
-async def test_plain_protocol_closes_only_the_stalled_connection_after_the_wait(pki, short_tmp) -> None:  # noqa: ANN001
+async def test_plain_protocol_closes_only_the_stalled_connection_after_the_wait(pki, short_tmp) -> None:
     stack = await Stack(pki, short_tmp, overflow_wait=1.0, frontend_buffer_bytes=1 << 20).start()
     try:
         running = await stack.add_agent(flow_control=False)
@@ -94,7 +94,7 @@ async def test_plain_protocol_closes_only_the_stalled_connection_after_the_wait(
 
 
 @pytest.mark.parametrize("flow_control", [True, False], ids=["flow", "plain"])
-async def test_buffers_stay_under_their_caps_while_a_reader_stalls(pki, short_tmp, flow_control: bool) -> None:  # noqa: ANN001
+async def test_buffers_stay_under_their_caps_while_a_reader_stalls(pki, short_tmp, flow_control: bool) -> None:
     cap = 1 << 20
     stack = await Stack(pki, short_tmp, frontend_buffer_bytes=cap, overflow_wait=30.0).start()
     sent = 0
@@ -134,7 +134,7 @@ async def test_buffers_stay_under_their_caps_while_a_reader_stalls(pki, short_tm
         await stack.stop()
 
 
-async def test_operator_stall_timeout_closes_a_reader_that_never_returns(pki, short_tmp) -> None:  # noqa: ANN001
+async def test_operator_stall_timeout_closes_a_reader_that_never_returns(pki, short_tmp) -> None:
     stack = await Stack(pki, short_tmp, stalled_connection_timeout=1.0, frontend_buffer_bytes=1 << 20).start()
     try:
         await stack.add_agent()

@@ -20,7 +20,16 @@ import pytest
 
 from proxy_common import metadata
 from proxy_common.certs import DemoPki
-from proxy_common.messages import CloseDial, CloseRequest, CloseResponse, Data, DialRequest, DialResponse, Drain, Message
+from proxy_common.messages import (
+    CloseDial,
+    CloseRequest,
+    CloseResponse,
+    Data,
+    DialRequest,
+    DialResponse,
+    Drain,
+    Message,
+)
 from proxy_common.streams import ServerStream
 from tests.harness import RunningAgent, agent_config, echo_handler, endpoint, wait_for
 
@@ -261,6 +270,6 @@ async def test_agent_refuses_servers_without_valid_headers(pki: DemoPki, headers
 
 
 async def test_servercount_zero_is_treated_as_one(pki: DemoPki) -> None:
-    async with recorder_with_agent(pki, (("serverid", "x"), ("servercount", "0"))) as (rec, running):
+    async with recorder_with_agent(pki, (("serverid", "x"), ("servercount", "0"))) as (_rec, running):
         await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
         assert running.agent.clients.target_count == 1

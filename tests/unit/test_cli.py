@@ -36,7 +36,7 @@ def test_agent_defaults_are_the_references() -> None:
     assert (args.sync_interval, args.sync_interval_cap, args.probe_interval, args.xfr_channel_size) == (1.0, 10.0, 1.0, 150)
 
 
-def test_kubernetes_docs_server_args_parse(tmp_path) -> None:  # noqa: ANN001
+def test_kubernetes_docs_server_args_parse(tmp_path) -> None:
     cert = tmp_path / "c"
     cert.write_text("x")
     config, _ = server_cli.parse([
@@ -64,7 +64,7 @@ def test_flags_outside_the_reference_are_refused(capsys: pytest.CaptureFixture[s
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
-def test_agent_refuses_unknown_identifier_keys(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_agent_refuses_unknown_identifier_keys(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     ca = tmp_path / "ca"
     ca.write_text("x")
     with pytest.raises(SystemExit):
@@ -72,7 +72,7 @@ def test_agent_refuses_unknown_identifier_keys(tmp_path, capsys: pytest.CaptureF
     assert "agent address is invalid: unknown address type: uid" in capsys.readouterr().err
 
 
-def test_agent_id_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+def test_agent_id_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     ca = tmp_path / "ca"
     ca.write_text("x")
     monkeypatch.setenv("PROXY_AGENT_ID", "node-7")

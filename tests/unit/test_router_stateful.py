@@ -24,7 +24,7 @@ class RouterMachine(RuleBasedStateMachine):
         self.live_frontends: set[int] = set()
         self.next_frontend = 1000
         self.dials: dict[int, tuple[int, int]] = {}  # dial_id -> (frontend, agent it went to)
-        self.next_conn = {a: 1 for a in AGENTS}
+        self.next_conn = dict.fromkeys(AGENTS, 1)
 
     def _apply(self, actions: list) -> None:
         for action in actions:

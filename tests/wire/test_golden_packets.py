@@ -44,10 +44,7 @@ def expected_message(fields: dict) -> Message:
         return CloseResponse(r.get("connectID", 0), r.get("error", ""))
     if kind == "DATA":
         r = fields["data"]
-        if "data_text" in r:
-            payload = r["data_text"].encode()
-        else:
-            payload = bytes.fromhex(r.get("data_hex", ""))
+        payload = r["data_text"].encode() if "data_text" in r else bytes.fromhex(r.get("data_hex", ""))
         return Data(r.get("connectID", 0), payload, r.get("error", ""))
     if kind == "DIAL_CLS":
         return CloseDial(fields["closeDial"].get("random", 0))
