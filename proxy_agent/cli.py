@@ -16,7 +16,6 @@ from proxy_common.errors import ConfigError
 
 NOT_YET = ("--enable-profiling", "--enable-contention-profiling")
 DEPRECATED = ("--warn-on-channel-limit",)
-DRAIN_GRACE = 25.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--health-server-port", type=flags.port, default=d.health_server_port, help="/healthz /readyz /metrics port")
     ops.add_argument("--admin-server-port", type=flags.port, default=d.admin_server_port, help="admin port")
     ops.add_argument("--admin-bind-address", default=d.admin_bind_address, help="admin bind address")
-    ops.add_argument("--drain-grace", type=flags.duration, default=DRAIN_GRACE,
+    ops.add_argument("--drain-grace", type=flags.duration, default=d.drain_grace,
                      help="after the first SIGTERM, how long open connections may finish before the agent exits "
                      "(default 25s: done before the kubelet's default 30s termination grace; 0 = until a second signal)")
     flags.add_bool(ops, "--enable-profiling", d.enable_profiling, "accepted for compatibility")

@@ -53,7 +53,9 @@ class AgentConfig:
     read_chunk_bytes: int = 256 << 10
     endpoint_buffer_bytes: int = 4 << 20
     overflow_wait: float = 5.0
-    drain_grace: float = 0.0
+    # After the first SIGTERM, how long open connections may finish (0 = until a second signal);
+    # 25 s ends before the kubelet's default 30 s termination grace period.
+    drain_grace: float = 25.0
     connect_timeout: float = 10.0
     flow_control: bool = True
 
@@ -97,5 +99,7 @@ class AgentConfig:
             problems.append("--server-count-source must be default or max")
         if self.read_chunk_bytes < 4096 or self.read_chunk_bytes > (4 << 20) - 1024:
             problems.append("--read-chunk-bytes must be between 4096 and just under 4 MiB")
+        if self.drain_grace < 0:
+            problems.append("--drain-grace must not be negative (0 waits for a second signal)")
         if problems:
             raise ConfigError(problems)

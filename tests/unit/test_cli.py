@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
 from proxy_agent import cli as agent_cli
+from proxy_agent.config import AgentConfig
 from proxy_common.flags import duration
 from proxy_server import cli as server_cli
+from proxy_server.config import ServerConfig
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("1h0m0s", 3600.0), ("5s", 5.0), ("500ms", 0.5), ("1m30s", 90.0), ("0", 0.0), ("2.5", 2.5)])
@@ -79,3 +82,29 @@ def test_agent_id_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tm
     config, _ = agent_cli.parse([f"--ca-cert={ca}", "--sync-interval=5s", "--sync-interval-cap=30s", "--probe-interval=5s"])
     assert config.agent_id == "node-7"
     assert (config.sync_interval, config.sync_interval_cap) == (5.0, 30.0)
+
+
+def test_agent_cli_defaults_are_the_config_defaults(tmp_path) -> None:
+    """AgentConfig is the single source of defaults: no flag may quietly differ from its field."""
+    ca = tmp_path / "ca"
+    ca.write_text("x")
+    config, _ = agent_cli.parse([f"--ca-cert={ca}", "--agent-id=node-1"])
+    expected = AgentConfig(ca_cert=str(ca), agent_id="node-1")
+    differing = {f.name for f in dataclasses.fields(AgentConfig) if getattr(config, f.name) != getattr(expected, f.name)}
+    assert differing == set()
+    assert config.drain_grace == 25.0  # finishes before the kubelet's default 30 s termination grace
+
+
+def test_server_cli_defaults_are_the_config_defaults() -> None:
+    config = server_cli.config_from_args(server_cli.build_parser().parse_args(["--server-id=s1"]))
+    expected = ServerConfig(server_id="s1")
+    differing = {f.name for f in dataclasses.fields(ServerConfig) if getattr(config, f.name) != getattr(expected, f.name)}
+    assert differing == set()
+
+
+def test_agent_refuses_a_negative_drain_grace(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca"
+    ca.write_text("x")
+    with pytest.raises(SystemExit):
+        agent_cli.parse([f"--ca-cert={ca}", "--drain-grace=-5s"])
+    assert "--drain-grace must not be negative" in capsys.readouterr().err
