@@ -4,6 +4,7 @@ stages and instructions, their sources present, their entry points real console 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import tomllib
@@ -140,3 +141,97 @@ def test_parser_rejects_what_docker_would() -> None:
         parse_dockerfile("FROM python:3.11-slim\nRUN echo \\\n")
     (stage,) = parse_dockerfile("# c\nFROM python:3.11-slim AS x\nRUN a \\\n  # inside\n  && b\n")
     assert stage.name == "x" and stage.args("RUN") == ["a  && b"]
+
+
+# ----------------------------------------------------------------------------- .dockerignore
+def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
+    """(excludes, regex) per line, with Docker's rules: `#` comments, `!` re-includes, paths
+    relative to the context root (a leading `/` is dropped), `*` and `?` stay within one path
+    element, `**` spans any number of them, and the last matching line wins."""
+    rules = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        excludes = not line.startswith("!")
+        pattern = line.removeprefix("!").strip().lstrip("/")
+        regex, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                regex, i = regex + pattern[i : end + 1], end + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        rules.append((excludes, re.compile(regex)))
+    return rules
+
+
+def ignored(rules: list[tuple[bool, re.Pattern[str]]], path: str) -> bool:
+    """Whether Docker leaves `path` out of the build context (a match on a parent counts)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    verdict = False
+    for excludes, regex in rules:
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            verdict = excludes
+    return verdict
+
+
+def context_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    return dockerignore_rules((ROOT / ".dockerignore").read_text())
+
+
+def test_dockerignore_matcher_follows_dockers_rules() -> None:
+    rules = dockerignore_rules("*\n!pkg\n__pycache__\n**/*.pyc\n/tmp/**\n")
+    assert ignored(rules, "notes.txt") and ignored(rules, ".git/HEAD")
+    assert not ignored(rules, "pkg/mod.py")
+    assert not ignored(rules, "pkg/__pycache__/mod.py"), "no leading **/: matches at the root only"
+    assert ignored(rules, "pkg/sub/mod.pyc")
+    assert ignored(rules, "tmp/a/b")
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_dockerignore_sends_every_copy_source(name: str) -> None:
+    rules = context_rules()
+    for stage in stages_of(name):
+        for args in stage.args("COPY"):
+            words = args.split()
+            if any(word.startswith("--from=") for word in words):
+                continue
+            for src in words[:-1]:
+                root = ROOT / src
+                files = [root] if root.is_file() else [p for p in root.rglob("*.py*") if "__pycache__" not in p.parts]
+                assert files, f"COPY source {src} is empty"
+                sent = [p for p in files if not ignored(rules, p.relative_to(ROOT).as_posix())]
+                assert sent == files, f".dockerignore leaves out part of COPY source {src}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [".venv/bin/python", ".git/HEAD", "bench/results/run.json", "tests/interop/agent.json", "tests/unit/test_cli.py",
+     "proxy_server/__pycache__/app.cpython-311.pyc", "proxy_common/pb/x.pyc", ".pytest_cache/v", ".ruff_cache/x",
+     ".mypy_cache/x", "konnectivity_py.egg-info/PKG-INFO", "pki/ca.key", "demo-run/server.key", "configs/x.yaml"],
+)
+def test_dockerignore_keeps_local_state_out_of_the_context(path: str) -> None:
+    assert ignored(context_rules(), path)
+
+
+def test_build_context_is_only_the_package_sources() -> None:
+    rules = context_rules()
+    sent = []
+    for top, dirs, files in os.walk(ROOT):
+        here = Path(top).relative_to(ROOT).as_posix().removeprefix(".")
+        dirs[:] = [d for d in dirs if not ignored(rules, f"{here}/{d}".lstrip("/"))]  # nothing below is re-included
+        sent += [f"{here}/{f}".lstrip("/") for f in files if not ignored(rules, f"{here}/{f}".lstrip("/"))]
+    outside = [path for path in sent if path not in ("pyproject.toml", "README.md")
+               and not re.fullmatch(r"proxy_(common|server|agent)/[\w/]+\.pyi?", path)]
+    assert "proxy_server/cli.py" in sent
+    assert outside == []
