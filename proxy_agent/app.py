@@ -13,11 +13,13 @@ import os
 from collections.abc import Iterator
 
 from proxy_agent import debug
+from proxy_agent import leases as lease_counting
 from proxy_agent.config import AgentConfig
 from proxy_agent.metrics import AgentMetrics
 from proxy_agent.sessions import ClientSet
 from proxy_common import probes
-from proxy_common.tasks import two_stage_signals
+from proxy_common.errors import ConfigError
+from proxy_common.tasks import race, two_stage_signals
 
 log = logging.getLogger("proxy_agent")
 
@@ -26,7 +28,9 @@ class ProxyAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.metrics = AgentMetrics()
-        self.clients = ClientSet(config, self.metrics)
+        # --count-server-leases: raises ConfigError here when the API configuration is unusable.
+        self.lease_counter = lease_counting.build(config, self.metrics) if config.count_server_leases else None
+        self.clients = ClientSet(config, self.metrics, lease_counter=self.lease_counter)
         self.metrics.buffered_bytes.set_function(self.clients.buffered_bytes)
         self.metrics.data_bytes.live = self._live_bytes
         self.metrics_page = probes.MetricsPage(self.metrics.render, self.metrics.registry)
@@ -41,9 +45,22 @@ class ProxyAgent:
         """Serve the health and admin listeners and keep the server streams, until cancelled."""
         try:
             await self.start_probes()
-            await self.clients.run()
+            if self.lease_counter is None:
+                await self.clients.run()
+            else:
+                # The first list is awaited, so the first sync round already knows the servers.
+                await self.lease_counter.list_once()
+                await race(self.clients.run(), self._count_leases(),
+                           names=("agent-client-set", "agent-lease-counter"))
         finally:
             await self.stop_probes()
+            if self.lease_counter is not None:
+                await self.lease_counter.aclose()
+
+    async def _count_leases(self) -> None:
+        assert self.lease_counter is not None
+        await asyncio.sleep(self.config.lease_list_interval)
+        await self.lease_counter.run()
 
     async def start_probes(self) -> None:
         c = self.config
@@ -80,7 +97,11 @@ class ProxyAgent:
 
 
 async def serve(config: AgentConfig) -> int:
-    agent = ProxyAgent(config)
+    try:
+        agent = ProxyAgent(config)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     draining = asyncio.Event()
 
     def first() -> None:

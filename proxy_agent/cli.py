@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--lease-namespace", default=d.lease_namespace, help="namespace of the server Leases")
     ls.add_argument("--lease-label-selector", "--lease-label", default=d.lease_label_selector, help="label selector of the server Leases")
     ls.add_argument("--server-count-source", default=d.server_count_source, help="default or max")
+    ls.add_argument("--lease-list-interval", type=flags.duration, default=d.lease_list_interval,
+                    help="how often the server Leases are listed (default 5s; the reference watches them)")
     ls.add_argument("--kubeconfig", default=d.kubeconfig, help="kubeconfig for lease counting; empty = in-cluster")
     ls.add_argument("--kube-api-content-type", default=d.kube_api_content_type, help="API request content type")
     ops = p.add_argument_group("health, admin and lifecycle")
@@ -93,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         keepalive_time=args.keepalive_time, sync_forever=args.sync_forever, xfr_channel_size=args.xfr_channel_size,
         count_server_leases=args.count_server_leases, lease_namespace=args.lease_namespace,
         lease_label_selector=args.lease_label_selector, server_count_source=args.server_count_source,
+        lease_list_interval=args.lease_list_interval,
         kubeconfig=args.kubeconfig, kube_api_content_type=args.kube_api_content_type,
         dial_timeout=args.dial_timeout, read_chunk_bytes=args.read_chunk_bytes,
         endpoint_buffer_bytes=args.endpoint_buffer_bytes, overflow_wait=args.overflow_wait,

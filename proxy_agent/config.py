@@ -58,6 +58,8 @@ class AgentConfig:
     drain_grace: float = 25.0
     connect_timeout: float = 10.0
     flow_control: bool = True
+    lease_list_interval: float = 5.0
+    lease_api_timeout: float = 10.0
 
     def server_targets(self) -> tuple[tuple[str, int], ...]:
         """(host, port) of every server address to keep a stream to."""
@@ -95,6 +97,10 @@ class AgentConfig:
             problems.append("--probe-interval must be positive")
         if self.xfr_channel_size <= 0:
             problems.append("--xfr-channel-size must be positive")
+        if self.lease_list_interval <= 0 or self.lease_api_timeout <= 0:
+            problems.append("--lease-list-interval and the lease API timeout must be positive")
+        if self.count_server_leases and not self.lease_namespace:
+            problems.append("--lease-namespace must not be empty with --count-server-leases")
         if self.server_count_source not in ("", "default", "max"):
             problems.append("--server-count-source must be default or max")
         if self.read_chunk_bytes < 4096 or self.read_chunk_bytes > (4 << 20) - 1024:

@@ -23,9 +23,10 @@ import grpc
 import grpc.aio
 
 from proxy_agent.config import AgentConfig
+from proxy_agent.leases import LeaseCounter
 from proxy_agent.metrics import AgentMetrics
 from proxy_agent.session import Session
-from proxy_common import metadata
+from proxy_common import leases, metadata
 from proxy_common.errors import AuthError, TunnelBroken
 from proxy_common.streams import CONNECT_METHOD, TRANSPORT_OPTIONS, ClientStream
 from proxy_common.tasks import race
@@ -34,6 +35,7 @@ log = logging.getLogger("proxy_agent")
 
 MAX_MESSAGE_BYTES = 16 << 20
 STATUS_GRACE = 1.0  # seconds a header-less answer may take to show its status
+DUPLICATE_WARNING_STREAK = 5  # consecutive duplicates before the likely cause is logged as a warning
 
 
 class ConnectFailed(Exception):
@@ -181,19 +183,37 @@ class ServerConnector:
 class ClientSet:
     """All of the agent's server streams, kept at the server count."""
 
-    def __init__(self, config: AgentConfig, metrics: AgentMetrics, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        metrics: AgentMetrics,
+        rng: random.Random | None = None,
+        *,
+        lease_counter: LeaseCounter | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.last_server_count = 1
         self.draining = False
+        self.lease_counter = lease_counter
+        self.attempts = 0  # connection attempts so far (debug view, tests)
+        self.duplicate_streak = 0
         self._rng = rng or random.Random()
         self._connectors = [ServerConnector(config, host, port) for host, port in config.server_targets()]
+        self._connector_servers: dict[int, str] = {}  # connector index -> server ID it reached last
         self._next_target = 0
 
     @property
     def target_count(self) -> int:
-        return max(1, self.last_server_count, len(self._connectors))
+        """How many distinct servers to hold: from `servercount` or the Leases (`--server-count-source`),
+        and at least one per address given in `--proxy-server-addresses`."""
+        counter = self.lease_counter
+        target = leases.target_server_count(
+            self.config.server_count_source, counting_leases=counter is not None,
+            lease_count=counter.count() if counter is not None else 0, response_count=self.last_server_count,
+        )
+        return max(target, len(self._connectors))
 
     def buffered_bytes(self) -> int:
         """Payload bytes queued toward servers and endpoints (the buffered-bytes gauge)."""
@@ -208,7 +228,9 @@ class ClientSet:
         async with asyncio.TaskGroup() as group:
             while True:
                 delay = backoff.base
-                if not self.draining and (self.config.sync_forever or len(self.sessions) < self.target_count):
+                target = self.target_count
+                self.metrics.known_server_count.set(target)
+                if not self.draining and (self.config.sync_forever or len(self.sessions) < target):
                     delay = await self._sync_once(group, backoff)
                 await self._wait(delay)
 
@@ -218,9 +240,22 @@ class ClientSet:
         for session in list(self.sessions.values()):
             session.send_drain()
 
-    async def _sync_once(self, group: asyncio.TaskGroup, backoff: Backoff) -> float:
-        connector = self._connectors[self._next_target % len(self._connectors)]
+    def _pick_connector(self) -> int:
+        """The next address to try: round robin, skipping addresses whose server is already held."""
+        count = len(self._connectors)
+        for offset in range(count):
+            index = (self._next_target + offset) % count
+            if self._connector_servers.get(index) not in self.sessions:
+                self._next_target = index + 1
+                return index
+        index = self._next_target % count
         self._next_target += 1
+        return index
+
+    async def _sync_once(self, group: asyncio.TaskGroup, backoff: Backoff) -> float:
+        index = self._pick_connector()
+        connector = self._connectors[index]
+        self.attempts += 1
         try:
             connected = await connector.connect()
         except AuthRefused as exc:
@@ -238,12 +273,26 @@ class ClientSet:
             log.warning("cannot connect to proxy server address=%s:%d error=%s retry_in=%.1fs",
                         connector.host, connector.port, exc, delay)
             return delay
+        self._connector_servers[index] = connected.server_id
         if connected.server_id in self.sessions:
             await connected.channel.close()
-            delay = backoff.failure() if not self.config.sync_forever else backoff.success()
+            if self.config.sync_forever:  # expected churn: the reference's pace, sync interval + jitter
+                delay = backoff.success()
+                log.debug("server already connected, connection closed server_id=%s holding=%d retry_in=%.1fs",
+                          connected.server_id, len(self.sessions), delay)
+                return delay
+            delay = backoff.failure()
+            self.duplicate_streak += 1
             log.info("duplicate server, connection closed server_id=%s holding=%d want=%d retry_in=%.1fs",
                      connected.server_id, len(self.sessions), self.target_count, delay)
+            if self.duplicate_streak == DUPLICATE_WARNING_STREAK:
+                log.warning("%d connections in a row reached servers already connected (holding=%d want=%d): "
+                            "the server count (servercount header or Leases) may be larger than the servers "
+                            "reachable through %s:%d; retrying with back-off up to %.1fs",
+                            self.duplicate_streak, len(self.sessions), self.target_count, connector.host,
+                            connector.port, backoff.cap)
             return delay
+        self.duplicate_streak = 0
         self.last_server_count = max(connected.server_count, 1)
         self.metrics.known_server_count.set(self.target_count)
         session = Session(

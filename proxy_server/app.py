@@ -20,6 +20,7 @@ from proxy_common.errors import ConfigError
 from proxy_common.streams import TRANSPORT_OPTIONS
 from proxy_common.tasks import two_stage_signals
 from proxy_server import debug, tokenreview
+from proxy_server import leases as lease_control
 from proxy_server.agent_service import AgentServicer, Authenticator
 from proxy_server.auth import AuthPolicy
 from proxy_server.backends import BackendRegistry
@@ -83,6 +84,7 @@ class ProxyServer:
         self.metrics.buffered_bytes.set_function(self.board.buffered_bytes)
         self.authenticate = authenticate
         self.token_auth: tokenreview.AgentTokenAuth | None = None
+        self.lease_controller: lease_control.LeaseController | None = None
         self.agent_port = 0
         self.frontend_port = 0
         self._servers: list[grpc.aio.Server] = []
@@ -103,9 +105,15 @@ class ProxyServer:
             await self._start_grpc_frontend()
         else:
             await self._start_http_connect_frontend()
+        self._start_lease_controller()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, end every stream (after `grace` seconds at most), remove the socket."""
+        """Stop accepting, end every stream (after `grace` seconds at most), remove the socket.
+
+        The server's Lease goes first, so agents counting Leases stop looking for this server."""
+        controller, self.lease_controller = self.lease_controller, None
+        if controller is not None:
+            await controller.stop()
         http, self._http = self._http, None
         await asyncio.gather(
             *(server.stop(grace) for server in self._servers), *([http.aclose(grace)] if http else [])
@@ -125,6 +133,12 @@ class ProxyServer:
         if wanted and os.environ.get("GRPC_SSL_CIPHER_SUITES") != wanted:
             raise ConfigError([f"--cipher-suites applies process-wide from the moment grpc is imported; start "
                                f"through the proxy-server command or set GRPC_SSL_CIPHER_SUITES={wanted}"])
+
+    def _start_lease_controller(self) -> None:
+        """Publish and renew this server's Lease, and cull expired ones (--enable-lease-controller)."""
+        if self.config.enable_lease_controller and self.lease_controller is None:
+            self.lease_controller = lease_control.build(self.config, self.metrics)
+            self.lease_controller.start()
 
     def _start_token_auth(self) -> None:
         """TokenReview authentication of agents when --agent-namespace is set (unless a hook was given)."""

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy_common import leases
 from proxy_common.errors import ConfigError
 from proxy_server.backends import STRATEGIES
 
@@ -96,6 +97,11 @@ class ServerConfig:
     token_review_failure_ttl: float = 10.0
     token_review_cache_size: int = 10_000
     token_review_timeout: float = 10.0
+    # The Lease's timings (the reference's fixed values; tests shorten them).
+    lease_duration_seconds: int = leases.LEASE_DURATION_SECONDS
+    lease_renew_interval: float = leases.RENEW_INTERVAL_SECONDS
+    lease_gc_interval: float = leases.GC_INTERVAL_SECONDS
+    lease_api_timeout: float = 10.0
 
     @property
     def token_auth(self) -> bool:
@@ -145,8 +151,29 @@ class ServerConfig:
             problems.append("--token-review-timeout must be positive")
         if self.frontend_header_timeout <= 0:
             problems.append("--frontend-header-timeout must be positive")
+        problems += self._lease_problems()
         if problems:
             raise ConfigError(problems)
+
+    def lease_labels(self) -> dict[str, str]:
+        """`--lease-label` as a dict (raises LeaseLabelError when it does not parse)."""
+        return leases.parse_labels(self.lease_label)
+
+    def _lease_problems(self) -> list[str]:
+        if not self.enable_lease_controller:
+            return []
+        problems = []
+        try:
+            self.lease_labels()
+        except leases.LeaseLabelError as exc:
+            problems.append(f"--lease-label: {exc}")
+        if not self.lease_namespace:
+            problems.append("--lease-namespace must not be empty with --enable-lease-controller")
+        if self.lease_duration_seconds <= 0 or not 0 < self.lease_renew_interval < self.lease_duration_seconds:
+            problems.append("the Lease must be renewed more often than it lasts (0 < renew interval < duration)")
+        if self.lease_gc_interval <= 0 or self.lease_api_timeout <= 0:
+            problems.append("the Lease garbage collection interval and API timeout must be positive")
+        return problems
 
     def _files(self) -> tuple[tuple[str, str], ...]:
         return (

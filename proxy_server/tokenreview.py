@@ -25,9 +25,7 @@ from the API or the HTTP stack are passed through `auth.redact` before they go a
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -38,12 +36,10 @@ from typing import Any
 
 import urllib3
 from kubernetes import client as kube
-from kubernetes import config as kube_config
-from kubernetes.config.config_exception import ConfigException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy_common import metadata
-from proxy_common.errors import ConfigError
+from proxy_common.kube import api_status, load_client_configuration, transport_error_text
 from proxy_server import auth
 from proxy_server.auth import AgentAuthError, AuthPolicy, ReviewResult, ReviewUnavailable, TokenVerifier
 
@@ -222,22 +218,6 @@ class RateLimiter:
                 await asyncio.sleep((1 - self._tokens) / self.qps)
 
 
-def load_client_configuration(kubeconfig: str) -> kube.Configuration:
-    """The API client configuration from `--kubeconfig`, or in-cluster when it is empty."""
-    configuration = kube.Configuration()
-    try:
-        if kubeconfig:
-            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=configuration, persist_config=False
-            )
-        else:
-            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError, ValueError) as exc:
-        where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster configuration (--kubeconfig is empty)"
-        raise ConfigError([f"cannot load {where}: {exc}"]) from exc
-    return configuration
-
-
 class KubeTokenReviewer:
     """TokenVerifier that creates TokenReviews in kube-apiserver."""
 
@@ -299,7 +279,7 @@ class KubeTokenReviewer:
         except kube.ApiException as exc:
             failure = _api_error_text(exc)
         except Exception as exc:  # the HTTP stack's and the model's errors, translated once, here
-            failure = f'Post "{self.url}": {_transport_error_text(exc)}'
+            failure = f'Post "{self.url}": {transport_error_text(exc)}'
         else:
             return _result_of(answer, token)
         # Raised outside the handler on purpose: the library's exception, its traceback and the
@@ -327,30 +307,7 @@ def _result_of(answer: Any, token: str) -> ReviewResult:
 
 def _api_error_text(exc: kube.ApiException) -> str:
     """client-go's text for an API error: the Status message when there is one."""
-    try:
-        status = json.loads(exc.body or b"")
-    except ValueError:
-        status = None
-    if isinstance(status, dict) and isinstance(status.get("message"), str) and status["message"]:
-        return str(status["message"])
-    return f"the server responded with the status code {exc.status} ({exc.reason or 'no reason'})"
-
-
-def _transport_error_text(exc: BaseException) -> str:
-    root: BaseException = exc
-    for _ in range(16):  # the innermost cause, within reason
-        inner = getattr(root, "reason", None) if isinstance(root, urllib3.exceptions.MaxRetryError) else None
-        inner = inner or root.__cause__ or root.__context__
-        if not isinstance(inner, BaseException) or inner is root:
-            break
-        root = inner
-    if isinstance(root, TimeoutError | urllib3.exceptions.TimeoutError):
-        return "i/o timeout"
-    if isinstance(root, ConnectionRefusedError) or getattr(root, "errno", None) == errno.ECONNREFUSED:
-        return "connect: connection refused"
-    if isinstance(root, OSError) and root.strerror:
-        return root.strerror.lower()
-    return f"{type(root).__name__}: {root}"
+    return api_status(exc)[2]
 
 
 # ------------------------------------------------------------------- the agent hook

@@ -16,6 +16,7 @@ PURE = [
     "proxy_common/errors.py",
     "proxy_common/identifiers.py",
     "proxy_common/metadata.py",
+    "proxy_common/leases.py",
     "proxy_server/router.py",
     "proxy_server/backends.py",
     "proxy_server/config.py",

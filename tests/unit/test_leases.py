@@ -1,0 +1,94 @@
+"""The Lease decisions (proxy_common.leases): names, labels, validity, culling, counting."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from proxy_common import leases
+from proxy_common.leases import LeaseView
+
+NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def ago(seconds: float) -> dt.datetime:
+    return NOW - dt.timedelta(seconds=seconds)
+
+
+def test_lease_name_is_the_references() -> None:
+    assert leases.lease_name("server-1") == "konnectivity-proxy-server-server-1"
+
+
+def test_labels_parse_like_the_flag_documents() -> None:
+    assert leases.parse_labels("k8s-app=konnectivity-server") == {"k8s-app": "konnectivity-server"}
+    assert leases.parse_labels("a=1, b=2,,example.com/c=") == {"a": "1", "b": "2", "example.com/c": ""}
+    assert leases.selector_of({"b": "2", "a": "1"}) == "a=1,b=2"
+
+
+@pytest.mark.parametrize("bad", ["", ",", "novalue", "=v", "a=1,a=2", "bad key=v", "k=bad value", "-k=v",
+                                 "k=" + "x" * 64, "Upper.Case/k=v"])
+def test_bad_labels_are_refused(bad: str) -> None:
+    with pytest.raises(leases.LeaseLabelError):
+        leases.parse_labels(bad)
+
+
+def test_validity_uses_renew_time_else_acquire_time() -> None:
+    assert leases.is_valid(LeaseView("a", duration_seconds=30, renew_time=ago(29)), NOW)
+    assert not leases.is_valid(LeaseView("a", duration_seconds=30, renew_time=ago(30)), NOW)
+    assert leases.is_valid(LeaseView("a", duration_seconds=30, acquire_time=ago(10)), NOW)
+    # renewTime wins over an older or newer acquireTime
+    assert not leases.is_valid(LeaseView("a", duration_seconds=30, renew_time=ago(31), acquire_time=ago(1)), NOW)
+    assert leases.is_valid(LeaseView("a", duration_seconds=30, renew_time=ago(1), acquire_time=ago(300)), NOW)
+
+
+def test_no_time_or_no_duration_is_invalid() -> None:
+    assert not leases.is_valid(LeaseView("a", duration_seconds=30), NOW)
+    assert not leases.is_valid(LeaseView("a", renew_time=ago(1)), NOW)
+
+
+def test_gc_culls_exactly_the_invalid_ones_in_order() -> None:
+    listed = [
+        LeaseView("live", "1", duration_seconds=30, renew_time=ago(5)),
+        LeaseView("old", "2", duration_seconds=30, renew_time=ago(60)),
+        LeaseView("never", "3"),
+        LeaseView("future", "4", duration_seconds=30, renew_time=NOW + dt.timedelta(seconds=10)),
+    ]
+    assert [lease.name for lease in leases.to_cull(listed, NOW)] == ["old", "never"]
+    assert leases.count_valid(listed, NOW) == 2
+
+
+@pytest.mark.parametrize(
+    ("source", "counting", "from_leases", "from_header", "expected"),
+    [
+        ("default", False, 5, 3, 3),  # not counting leases: the header
+        ("", False, 0, 0, 1),  # zero is never a target
+        ("default", True, 2, 3, 2),  # counting: the leases win
+        ("", True, 2, 3, 2),
+        ("default", True, 0, 3, 1),  # no valid lease -> 1
+        ("max", True, 2, 3, 3),
+        ("max", True, 4, 3, 4),
+        ("max", False, 4, 3, 3),  # max only means something with leases on
+        ("max", True, 0, 0, 1),
+    ],
+)
+def test_target_server_count(source: str, counting: bool, from_leases: int, from_header: int, expected: int) -> None:
+    got = leases.target_server_count(source, counting_leases=counting, lease_count=from_leases,
+                                     response_count=from_header)
+    assert got == expected
+
+
+def test_unknown_count_source_is_refused() -> None:
+    with pytest.raises(ValueError, match="server count source"):
+        leases.target_server_count("min", counting_leases=True, lease_count=1, response_count=1)
+
+
+def test_renew_jitter_is_at_most_four_percent() -> None:
+    assert leases.renew_delay(15.0, 0.0) == 15.0
+    assert leases.renew_delay(15.0, 0.999) < 15.0 * 1.04
+    assert leases.renew_delay(15.0, 0.5) == pytest.approx(15.3)
+
+
+def test_write_retry_doubles_up_to_seven_seconds() -> None:
+    delays = [leases.create_retry_delay(n, 0.2) for n in range(1, 9)]
+    assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 7.0, 7.0]
