@@ -7,8 +7,10 @@ Real processes: proxy-server (--mode=http-connect), proxy-agent and the benchmar
 and the same with a direct TCP connection to the endpoint in the same run, for the ratio.
 
 Prints the figures and writes bench/results/http_connect_throughput.json.
-Run: python -m bench.http_connect_throughput [--size-mib 256] [--rounds 3]
-Self-contained (its endpoint is this module run with --endpoint), bounded in count and time.
+Run: python -m bench.http_connect_throughput [--size-mib 256] [--rounds 3] [--budget 45s]
+Self-contained (its endpoint is this module run with --endpoint), bounded in count and time:
+all transfers share one time budget (default 45 s; a round that would start after it is
+skipped, and at least one round per direction runs), so a run takes well under a minute.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import ssl
@@ -34,9 +37,10 @@ from proxy_common.certs import DemoPki, make_demo_pki
 
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 MiB = 1 << 20
-TIMEOUT = 300.0
+STARTUP_TIMEOUT = 30.0
 BLOCK = bytes(range(256)) * 4096  # 1 MiB
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 def free_port() -> int:
@@ -90,7 +94,7 @@ class Frontend:
 
 def _python(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 @contextlib.contextmanager
@@ -225,7 +229,7 @@ async def upload(opener: Opener, size: int) -> float:
     return size / seconds / MiB
 
 
-async def wait_ready(opener: Opener, timeout: float = 30.0) -> None:
+async def wait_ready(opener: Opener, timeout: float = STARTUP_TIMEOUT) -> None:
     """Until a tunnel opens (the agent has connected)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -239,41 +243,54 @@ async def wait_ready(opener: Opener, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.2)
 
 
-async def best_of(rounds: int, opener: Opener, size: int) -> dict[str, float]:
-    downs, ups = [], []
-    async with asyncio.timeout(TIMEOUT):
+async def best_of(rounds: int, opener: Opener, size: int, share: float) -> dict[str, float]:
+    """The best of `rounds` downloads and uploads, within `share` seconds (one round at least,
+    which may use up to twice the share before it is cut off)."""
+    downs: list[float] = []
+    ups: list[float] = []
+    started = time.monotonic()
+    async with asyncio.timeout(2 * share):
         for _ in range(rounds):
+            if downs and time.monotonic() - started > share:
+                break
             downs.append(await download(opener, size))
             ups.append(await upload(opener, size))
-    return {"download_mib_s": round(max(downs), 1), "upload_mib_s": round(max(ups), 1)}
+    return {"download_mib_s": round(max(downs), 1), "upload_mib_s": round(max(ups), 1), "rounds": len(downs)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256, help="bytes per transfer, in MiB (default 256)")
     parser.add_argument("--rounds", type=int, default=3, help="transfers per direction; the best counts (default 3)")
+    parser.add_argument("--budget", type=float, default=45.0, help="seconds for all transfers together (default 45)")
     parser.add_argument("--endpoint", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.endpoint:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_endpoint())
         return
+    if options.size_mib <= 0 or options.rounds <= 0 or options.budget <= 0:
+        parser.error("--size-mib, --rounds and --budget must be positive")
     size = options.size_mib * MiB
+    share = options.budget / 3  # direct TCP, the Unix socket, TCP+mTLS
     work = Path(tempfile.mkdtemp(prefix="kbench-connect-"))
     pki = make_demo_pki(work / "pki")
-    endpoint_proc = subprocess.Popen([sys.executable, "-m", __spec__.name, "--endpoint"], stdout=subprocess.PIPE)
+    endpoint_proc = subprocess.Popen(
+        [sys.executable, "-m", __spec__.name, "--endpoint"], stdout=subprocess.PIPE, cwd=ROOT
+    )
     results: dict[str, object] = {"machine": machine(), "size_mib": options.size_mib, "rounds": options.rounds}
+    finished = False
     try:
         assert endpoint_proc.stdout is not None
         endpoint = f"127.0.0.1:{int(endpoint_proc.stdout.readline())}"
-        direct = asyncio.run(best_of(options.rounds, direct_opener(endpoint), size))
+        direct = asyncio.run(best_of(options.rounds, direct_opener(endpoint), size, share))
         results["direct_tcp"] = direct
         print(f"direct TCP        down {direct['download_mib_s']:8.1f} MiB/s   up {direct['upload_mib_s']:8.1f} MiB/s")
         for kind in ("uds", "tls"):
             with proxy(kind, work, pki) as frontend:
                 opener = tunnel_opener(frontend, endpoint)
                 asyncio.run(wait_ready(opener))
-                figures = asyncio.run(best_of(options.rounds, opener, size))
+                figures = asyncio.run(best_of(options.rounds, opener, size, share))
             figures["download_ratio"] = round(figures["download_mib_s"] / direct["download_mib_s"], 3)
             figures["upload_ratio"] = round(figures["upload_mib_s"] / direct["upload_mib_s"], 3)
             results[f"http_connect_{kind}"] = figures
@@ -282,9 +299,14 @@ def main() -> None:
                 f" ({figures['download_ratio']:.1%} of direct)   up {figures['upload_mib_s']:8.1f} MiB/s"
                 f" ({figures['upload_ratio']:.1%} of direct)"
             )
+        finished = True
     finally:
         endpoint_proc.kill()
         endpoint_proc.wait(timeout=10)
+        if finished:
+            shutil.rmtree(work, ignore_errors=True)  # the throwaway PKI's keys, sockets, logs
+        else:
+            print(f"server and agent logs kept in {work}", file=sys.stderr)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "http_connect_throughput.json"
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -80,6 +80,7 @@ class ProxyServer:
             frontend_buffer_bytes=config.frontend_buffer_bytes,
             overflow_wait=config.overflow_wait,
             stall_timeout=config.stalled_connection_timeout,
+            dial_timeout=config.backend_dial_timeout,
         )
         self.metrics.buffered_bytes.set_function(self.board.buffered_bytes)
         self.authenticate = authenticate
@@ -118,6 +119,7 @@ class ProxyServer:
         await asyncio.gather(
             *(server.stop(grace) for server in self._servers), *([http.aclose(grace)] if http else [])
         )
+        self.board.cancel_timers()
         await self._stop_probes()
         self._servers.clear()
         if self.token_auth is not None:
@@ -201,7 +203,9 @@ class ProxyServer:
 
     async def _start_http_connect_frontend(self) -> None:
         c = self.config
-        tls = None if c.uds_name else frontend_tls_context(c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version)
+        tls = None if c.uds_name else frontend_tls_context(
+            c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version, c.openssl_cipher_list()
+        )
         self._http = HttpConnectFrontend(
             self.board, header_timeout=c.frontend_header_timeout, tls=tls, stall_limit=c.overflow_wait
         )

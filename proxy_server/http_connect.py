@@ -6,7 +6,8 @@ certificate. Each accepted socket is served by one task:
 1. The request head is parsed with h11, bounded in size (`MAX_HEADER_BYTES`, 431 past it)
    and in time (`header_timeout` for the TLS handshake, then again for the whole head; a
    client that sends nothing or never finishes is closed without an answer, as Go's is).
-   A malformed head gets 400 and the socket is closed. A request that is not CONNECT
+   A malformed head gets 400 and the socket is closed (a CONNECT without Host is not
+   malformed: Go accepts it). A request that is not CONNECT
    gets the reference's 405 and the connection stays open for the next request.
 2. A CONNECT registers a frontend on the switchboard and sends it a DIAL_REQ for the
    request target; from then on the router decides, as for a gRPC `Proxy` stream.
@@ -61,10 +62,16 @@ class _Refused(Exception):
         self.answer = answer
 
 
-def frontend_tls_context(cert: str, key: str, ca: str, tls_min_version: str = "") -> ssl.SSLContext:
-    """TLS for the TCP frontend: client certificates signed by `ca` required, HTTP/1.1 only."""
+def frontend_tls_context(
+    cert: str, key: str, ca: str, tls_min_version: str = "", ciphers: str = ""
+) -> ssl.SSLContext:
+    """TLS for the TCP frontend: client certificates signed by `ca` required, HTTP/1.1 only.
+    `ciphers` (an OpenSSL list, from --cipher-suites) limits the TLS 1.2 suites, as the
+    reference's --cipher-suites does; TLS 1.3 suites are always on, as in Go."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls_min_version == "VersionTLS13" else ssl.TLSVersion.TLSv1_2
+    if ciphers:
+        context.set_ciphers(ciphers)
     context.load_cert_chain(cert, key)
     context.load_verify_locations(cafile=ca)
     context.verify_mode = ssl.CERT_REQUIRED
@@ -176,11 +183,11 @@ class HttpConnectFrontend:
         await _close(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=answers.MAX_HEADER_BYTES)
+        conn = _parser()
         while True:
             try:
                 async with asyncio.timeout(self.header_timeout):
-                    request = await _next_request(reader, conn)
+                    request, conn = await _next_request(reader, conn)
             except TimeoutError:
                 log.info("request head not received in time, closing peer=%s seconds=%s", peer, self.header_timeout)
                 return
@@ -196,9 +203,10 @@ class HttpConnectFrontend:
             if target is not None:
                 await self._tunnel(reader, writer, peer, target, conn.trailing_data[0])
                 return
-            conn = await self._refuse_method(reader, writer, conn, request, peer)
-            if conn is None:
+            fresh = await self._refuse_method(reader, writer, conn, request, peer)
+            if fresh is None:
                 return
+            conn = fresh
 
     async def _refuse_method(
         self,
@@ -223,7 +231,7 @@ class HttpConnectFrontend:
                 return None
             if not complete:
                 return None
-            fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=answers.MAX_HEADER_BYTES)
+            fresh = _parser()
             leftover, closed = conn.trailing_data
             if leftover:
                 fresh.receive_data(leftover)
@@ -298,21 +306,42 @@ class HttpConnectFrontend:
 
 
 # ----------------------------------------------------------------------- helpers
-async def _next_request(reader: asyncio.StreamReader, conn: h11.Connection) -> h11.Request | None:
-    """The next request head, or None when the client closed cleanly before sending one."""
+def _parser() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=answers.MAX_HEADER_BYTES)
+
+
+async def _next_request(
+    reader: asyncio.StreamReader, conn: h11.Connection
+) -> tuple[h11.Request | None, h11.Connection]:
+    """The next request head (None when the client closed cleanly before sending one) and the
+    parser holding what follows it (bytes pipelined after a CONNECT head).
+
+    An HTTP/1.1 CONNECT without a Host header is served, as Go's net/http serves it (h11
+    refuses it; the head is parsed again with the target as Host)."""
+    received = bytearray(conn.trailing_data[0])  # this request's bytes so far (bounded by h11's limit)
+    retried = False
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
+            patched = None if retried else answers.connect_without_host(bytes(received), str(exc))
+            if patched is not None:
+                conn, retried = _parser(), True
+                conn.receive_data(patched)
+                continue
             _, closed = conn.trailing_data
             code = 431 if exc.error_status_hint == 431 else 400
-            raise _Refused(b"" if closed and code == 400 else answers.unreadable_request(code), str(exc)) from None
+            answer = b"" if closed and code == 400 else answers.unreadable_request(code, str(exc))
+            raise _Refused(answer, str(exc)) from None
         if event is h11.NEED_DATA:
-            conn.receive_data(await _receive(reader))
+            data = await _receive(reader)
+            if not retried:
+                received += data
+            conn.receive_data(data)
         elif type(event) is h11.Request:
-            return event
+            return event, conn
         elif type(event) is h11.ConnectionClosed:
-            return None
+            return None, conn
         else:  # pragma: no cover - h11 yields nothing else before a request
             raise _Refused(answers.unreadable_request(400), f"unexpected {type(event).__name__}")
 

@@ -13,7 +13,7 @@ bodies, no Date, no Content-Length) and kube-apiserver's CONNECT client is stric
   the backend dial timeout is a 504;
 * a request that is not CONNECT gets Go's `http.Error` 405 and the connection stays open;
 * a request that cannot be parsed gets Go net/http's 400 (431 when the head is too large)
-  with `Connection: close`.
+  with `Connection: close`; like net/http, an HTTP/1.1 CONNECT without Host is accepted.
 
 The sources are konnectivity-protocol.md section 3 and tests/interop/client-http-connect.txt.
 """
@@ -74,6 +74,8 @@ _STATUS_BY_SUBSTRING: tuple[tuple[tuple[str, ...], int], ...] = (
 _DEFAULT_DIAL_ERROR_STATUS = 502
 
 _METHOD_NOT_ALLOWED_BODY = b"this proxy only supports CONNECT passthrough\n"
+# h11's words for an HTTP/1.1 request without Host (see connect_without_host).
+MISSING_HOST_ERROR = "Missing mandatory Host: header"
 
 
 def status_line(code: int) -> bytes:
@@ -115,9 +117,14 @@ def method_not_allowed(date: str, *, connection_close: bool = False) -> bytes:
     )
 
 
-def unreadable_request(code: int = 400) -> bytes:
-    """Go net/http's answer to a request it cannot read (400, or 431 for an oversized head)."""
+def unreadable_request(code: int = 400, parse_error: str = "") -> bytes:
+    """Go net/http's answer to a request it cannot read (400, or 431 for an oversized head).
+
+    For the errors Go names to the client (here: a non-CONNECT HTTP/1.1 request without
+    Host) the reason is appended to the status line and the body, as net/http does."""
     public = f"{code} {REASONS[code]}".encode()
+    if code == 400 and parse_error == MISSING_HOST_ERROR:
+        public += b": missing required Host header"
     return b"HTTP/1.1 " + public + b"\r\n" + _PLAIN_UTF8 + b"Connection: close\r\n\r\n" + public
 
 
@@ -140,11 +147,27 @@ def dial_target(method: bytes, target: bytes) -> str | None:
     return target.decode("ascii", "replace")
 
 
+def connect_without_host(head: bytes, parse_error: str) -> bytes | None:
+    """The raw request `head` with `Host: <target>` added, when it is a CONNECT that a
+    parser refused only for lacking Host; else None.
+
+    Go's net/http requires Host on HTTP/1.1 requests except CONNECT, and the reference
+    ignores Host anyway, so such a CONNECT is served; h11 has no switch for that exception.
+    """
+    if parse_error != MISSING_HOST_ERROR or not head.startswith(b"CONNECT "):
+        return None
+    line_end = head.find(b"\n")
+    parts = head[:line_end].split()
+    if line_end < 0 or len(parts) != 3:
+        return None
+    return head[: line_end + 1] + b"Host: " + parts[1] + b"\r\n" + head[line_end + 1 :]
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """What to do with one message the router sent to an HTTP-CONNECT frontend."""
 
-    data: bytes = b""  # written to the client socket, in order
+    data: bytes | memoryview = b""  # written to the client socket, in order
     opened_conn_id: int = 0  # non-zero: the tunnel is open, client bytes may flow
     then_close: bool = False  # the tunnel is over once `data` is written
 

@@ -9,10 +9,16 @@ a busy agent stream slows its frontends' readers (and, through HTTP/2, their cli
 DATA from an agent to a frontend waits at most `overflow_wait` seconds for room in that
 frontend's mailbox; past that, only that connection is closed (metric reason `overflow`),
 so one client that stops reading cannot hold up the agent's other connections for longer.
+
+Backend dial timeout (`--backend-dial-timeout`, 0 = off): a dial forwarded to an agent
+that has not answered within `dial_timeout` seconds fails with the reference's error
+(`timed out waiting for backend dial`; 504 in HTTP-CONNECT mode) and the agent gets a
+DIAL_CLS. Forwarding itself never waits (control messages are queued at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -54,6 +60,7 @@ class Switchboard:
         agent_buffer_bytes: int = 4 << 20,
         overflow_wait: float = 5.0,
         stall_timeout: float = 0.0,
+        dial_timeout: float = 0.0,
     ) -> None:
         self.router = router
         self.metrics = metrics
@@ -61,6 +68,8 @@ class Switchboard:
         self.agent_buffer_bytes = agent_buffer_bytes
         self.overflow_wait = overflow_wait
         self.stall_timeout = stall_timeout
+        self.dial_timeout = dial_timeout
+        self._dial_timers: dict[int, asyncio.TimerHandle] = {}
         self.frontends: dict[int, Link] = {}
         self.backends: dict[int, Link] = {}
         self._ids = itertools.count(1)
@@ -225,9 +234,14 @@ class Switchboard:
         match action:
             case r.DialForwarded(dial_id=dial_id, backend_id=backend_id):
                 self._dial_started[dial_id] = now
+                if self.dial_timeout > 0:
+                    self._dial_timers[dial_id] = asyncio.get_running_loop().call_later(
+                        self.dial_timeout, self._dial_timed_out, dial_id
+                    )
                 log.debug("dial forwarded dial_id=%d agent=%s", dial_id, self._label(backend_id))
             case r.DialEstablished(dial_id=dial_id, backend_id=backend_id, conn_id=conn_id):
                 started = self._dial_started.pop(dial_id, now)
+                self._stop_dial_timer(dial_id)
                 self.metrics.dial_succeeded(now - started)
                 self._conn_started[(backend_id, conn_id)] = now
                 log.debug(
@@ -236,6 +250,7 @@ class Switchboard:
                 )
             case r.DialFailed(dial_id=dial_id, reason=reason):
                 self._dial_started.pop(dial_id, None)
+                self._stop_dial_timer(dial_id)
                 self.metrics.dial_failed(reason)
                 log.info("dial failed dial_id=%d reason=%s", dial_id, reason)
             case r.ConnectionClosed(backend_id=backend_id, conn_id=conn_id, reason=reason):
@@ -246,6 +261,22 @@ class Switchboard:
                 log.debug("packet ignored type=%s reason=%s", packet_type_name(message), reason)
             case _:
                 raise AssertionError(f"unhandled action {action!r}")
+
+    def _dial_timed_out(self, dial_id: int) -> None:
+        self._dial_timers.pop(dial_id, None)
+        log.info("backend dial timed out dial_id=%d seconds=%s", dial_id, self.dial_timeout)
+        self.execute_now(self.router.dial_timed_out(dial_id))
+
+    def _stop_dial_timer(self, dial_id: int) -> None:
+        timer = self._dial_timers.pop(dial_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def cancel_timers(self) -> None:
+        """The server is stopping: no dial timeout fires after this."""
+        for timer in self._dial_timers.values():
+            timer.cancel()
+        self._dial_timers.clear()
 
     # ----------------------------------------------------------- observation
     def live_bytes(self) -> Iterable[tuple[str, int]]:

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import re
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -221,3 +222,21 @@ async def sized_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         remaining -= len(data)
     writer.write(digest.hexdigest().encode())
     await writer.drain()
+
+
+class blackhole:
+    """A loopback port whose accept queue is full, so new connections hang in SYN_SENT."""
+
+    async def __aenter__(self) -> int:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        port = self.listener.getsockname()[1]
+        self.filler = socket.socket()
+        self.filler.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(self.filler, ("127.0.0.1", port)), 5)
+        return port
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.filler.close()
+        self.listener.close()

@@ -15,8 +15,9 @@ import pytest
 
 from proxy_common.certs import DemoPki, issue, make_ca, write_pair
 from proxy_common.client import TunnelClient, TunnelDialError, open_tunnel, tls_channel
+from proxy_common.errors import DialFailure
 from tests.harness import Stack, echo_handler, endpoint, wait_for
-from tests.http_connect_client import tls_server_overrides
+from tests.http_connect_client import blackhole, tls_server_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +99,20 @@ async def test_server_certificate_from_another_ca_is_refused_by_the_client(
     )
     with pytest.raises(TunnelDialError, match="UNAVAILABLE"):
         await open_tunnel("127.0.0.1:1", channel=channel, timeout=10)
+
+
+async def test_backend_dial_timeout_over_mtls(pki: DemoPki, short_tmp: Path) -> None:
+    """--backend-dial-timeout in gRPC mode: the reference's DIAL_RSP error, and the agent
+    drops the dial it was still making."""
+    stack = await Stack(pki, short_tmp, mode="grpc", backend_dial_timeout=0.3, **tls_server_overrides(pki)).start()
+    try:
+        agent = await stack.add_agent(dial_timeout=30)
+        async with blackhole() as port:
+            with pytest.raises(TunnelDialError, match=r"^timed out waiting for backend dial$"):
+                await open_tunnel(f"127.0.0.1:{port}", channel=good_channel(pki, stack), timeout=10)
+            await wait_for(lambda: agent.connection_count() == 0, what="the agent dropped the abandoned dial")
+        assert stack.server.metrics.dial_failures.value(str(DialFailure.BACKEND_DIAL_TIMEOUT)) == 1
+        await wait_for(lambda: not stack.server.board.frontends, what="frontends released")
+        await stack.wait_idle()
+    finally:
+        await stack.stop()

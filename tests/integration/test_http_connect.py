@@ -19,6 +19,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -43,6 +44,7 @@ from tests.harness import (
 from tests.http_connect_client import (
     RECORDED_TARGET,
     Access,
+    blackhole,
     client_tls,
     connect,
     connect_request,
@@ -56,6 +58,7 @@ from tests.http_connect_client import (
     shut,
     sized_sink,
 )
+from tests.unit import test_egress_selector_configs as egress_configs
 
 pytestmark = pytest.mark.integration
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -211,7 +214,7 @@ async def test_no_agent_gets_the_reference_500(hc: tuple[Stack, Access]) -> None
 async def test_agent_dial_timeout_gets_504(pki: DemoPki, short_tmp: Path) -> None:
     """A target whose accept queue is full never completes the TCP handshake: the agent's
     own dial timeout fires and its `i/o timeout` text maps to 504."""
-    async with http_connect_stack(pki, short_tmp, "uds") as (stack, access), _blackhole() as port:
+    async with http_connect_stack(pki, short_tmp, "uds") as (stack, access), blackhole() as port:
         await stack.add_agent(dial_timeout=0.3)
         reader, writer = await access.open()
         writer.write(connect_request(f"127.0.0.1:{port}"))
@@ -224,8 +227,28 @@ async def test_agent_dial_timeout_gets_504(pki: DemoPki, short_tmp: Path) -> Non
         )
 
 
+async def test_backend_dial_timeout_gets_the_reference_504(pki: DemoPki, short_tmp: Path) -> None:
+    """--backend-dial-timeout: the agent is still dialing when the server's own bound fires;
+    the client gets the reference's 504 and the agent is told to drop the dial (DIAL_CLS)."""
+    async with (
+        http_connect_stack(pki, short_tmp, "uds", backend_dial_timeout=0.3) as (stack, access),
+        blackhole() as port,
+    ):
+        agent = await stack.add_agent(dial_timeout=30)
+        reader, writer = await access.open()
+        writer.write(connect_request(f"127.0.0.1:{port}"))
+        answer = await read_all(reader)
+        await shut(writer)
+        assert answer == (
+            b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            b"Backend dial timeout: timed out waiting for backend dial\r\n"
+        )
+        assert stack.server.metrics.dial_failures.value(str(DialFailure.BACKEND_DIAL_TIMEOUT)) == 1
+        await wait_for(lambda: agent.connection_count() == 0, what="the agent dropped the abandoned dial")
+
+
 async def test_agent_lost_before_answering_gets_the_reference_502(pki: DemoPki, short_tmp: Path) -> None:
-    async with http_connect_stack(pki, short_tmp, "uds") as (stack, access), _blackhole() as port:
+    async with http_connect_stack(pki, short_tmp, "uds") as (stack, access), blackhole() as port:
         agent = await stack.add_agent(dial_timeout=30)
         reader, writer = await access.open()
         writer.write(connect_request(f"127.0.0.1:{port}"))
@@ -237,24 +260,6 @@ async def test_agent_lost_before_answering_gets_the_reference_502(pki: DemoPki, 
             b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
             b"Backend context error: context canceled\r\n"
         )
-
-
-class _blackhole:
-    """A loopback port whose accept queue is full, so new connections hang in SYN_SENT."""
-
-    async def __aenter__(self) -> int:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(0)
-        port = self.listener.getsockname()[1]
-        self.filler = socket.socket()
-        self.filler.setblocking(False)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(self.filler, ("127.0.0.1", port)), 5)
-        return port
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.filler.close()
-        self.listener.close()
 
 
 # --------------------------------------------------------------- other requests
@@ -290,6 +295,31 @@ async def test_malformed_request_gets_400_and_close(hc: tuple[Stack, Access]) ->
     )
 
 
+async def test_connect_without_host_is_served_as_go_serves_it(hc: tuple[Stack, Access]) -> None:
+    """Go's net/http requires Host on HTTP/1.1 requests except CONNECT; pipelined bytes survive."""
+    stack, access = hc
+    await stack.add_agent()
+    async with endpoint(http_handler) as ep:
+        reader, writer = await access.open()
+        writer.write(f"CONNECT {ep.address} HTTP/1.1\r\n\r\nGET /nohost HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == ESTABLISHED
+        assert (await read_all(reader)).endswith(b"hello from /nohost</body></html>")
+        await shut(writer)
+
+
+async def test_get_without_host_gets_go_net_http_400(hc: tuple[Stack, Access]) -> None:
+    stack, access = hc
+    reader, writer = await access.open()
+    writer.write(b"GET /x HTTP/1.1\r\n\r\n")
+    answer = await read_all(reader)
+    await shut(writer)
+    assert answer == (
+        b"HTTP/1.1 400 Bad Request: missing required Host header\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Connection: close\r\n\r\n400 Bad Request: missing required Host header"
+    )
+    assert http_connections(stack) == 0
+
+
 async def test_oversized_head_gets_431_and_close(hc: tuple[Stack, Access]) -> None:
     stack, access = hc
     reader, writer = await access.open()
@@ -315,6 +345,48 @@ async def test_unfinished_head_is_closed_after_the_header_timeout(kind: str, pki
         writer.write(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
         assert await read_all(reader, timeout=10) == b""
         assert SHORT_HEADER_TIMEOUT <= time.perf_counter() - started < 5
+        await shut(writer)
+        assert not stack.server.board.frontends
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage"), [("uds", "head"), ("tls", "head"), ("tls", "handshake")], ids=["uds", "tls", "tls-handshake"]
+)
+async def test_dribbling_client_is_closed_after_the_header_timeout(
+    kind: str, stage: str, pki: DemoPki, short_tmp: Path
+) -> None:
+    """Slow loris: one byte every 50 ms never resets the bound; it covers the whole request
+    head (or, on TLS, the whole handshake), not each read."""
+    async with http_connect_stack(pki, short_tmp, kind, frontend_header_timeout=SHORT_HEADER_TIMEOUT) as (
+        stack,
+        access,
+    ):
+        if stage == "handshake":
+            reader, writer = await access.open_raw()
+            start, drip = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\x00"  # a ClientHello, never finished
+        else:
+            reader, writer = await access.open()
+            start, drip = b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"a"
+        started = time.perf_counter()
+
+        async def dribble() -> None:
+            writer.write(start)
+            for _ in range(200):  # 10 s at most; the server closes long before
+                await asyncio.sleep(0.05)
+                writer.write(drip)
+                await writer.drain()
+
+        dribbler = asyncio.create_task(dribble(), name="slow-loris")
+        try:
+            closed = await read_all(reader, timeout=10)
+        except (ConnectionError, ssl.SSLError):
+            closed = b""
+        finally:
+            dribbler.cancel()
+            await asyncio.gather(dribbler, return_exceptions=True)
+        elapsed = time.perf_counter() - started
+        assert closed == b""
+        assert SHORT_HEADER_TIMEOUT <= elapsed < 5, elapsed
         await shut(writer)
         assert not stack.server.board.frontends
 
@@ -412,7 +484,7 @@ def _stuck_or_cut(stack: Stack) -> bool:
     return not links or (len(links) == 1 and not links[0].mailbox.has_room())
 
 
-def plain_agent() -> dict[str, object]:
+def plain_agent() -> dict[str, Any]:
     """Agent settings for the reference protocol only (no per-connection streams), where
     the agent configuration offers the choice."""
     return {"flow_control": False} if "flow_control" in {f.name for f in dataclasses.fields(AgentConfig)} else {}
@@ -454,12 +526,15 @@ async def test_stop_closes_open_tunnels(pki: DemoPki, short_tmp: Path) -> None:
         await stack.stop()
 
 
-async def test_unix_socket_is_owner_only(hc: tuple[Stack, Access]) -> None:
-    stack, access = hc
-    if access.kind != "uds":
-        pytest.skip("the TCP frontend has no socket file")
-    mode = stat.S_IMODE(os.stat(stack.uds).st_mode)
-    assert mode == 0o600
+async def test_unix_socket_is_owner_only(pki: DemoPki, short_tmp: Path) -> None:
+    async with http_connect_stack(pki, short_tmp, "uds") as (stack, _access):
+        assert stat.S_IMODE(os.stat(stack.uds).st_mode) == 0o600
+
+
+async def test_tcp_frontend_creates_no_socket_file(pki: DemoPki, short_tmp: Path) -> None:
+    async with http_connect_stack(pki, short_tmp, "tls") as (stack, _access):
+        assert stack.uds == "" and stack.server.frontend_port
+        assert not list(short_tmp.glob("*.sock"))
 
 
 # ---------------------------------------------------------------------- mTLS
@@ -520,16 +595,34 @@ async def test_tls_client_certificate_from_another_ca_is_refused(
             await shut(writer)
 
 
+async def test_cipher_suites_limit_the_tls12_suites(
+    pki: DemoPki, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--cipher-suites applies to the TCP frontend as to the reference's (TLS 1.2 suites only)."""
+    allowed, other = "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256"
+    monkeypatch.setenv("GRPC_SSL_CIPHER_SUITES", allowed)  # what the CLI sets before grpc is imported
+    async with http_connect_stack(
+        pki, short_tmp, "tls", cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",)
+    ) as (stack, access):
+        await stack.add_agent()
+        refused = client_tls(pki, pki.client_cert, pki.client_key)
+        refused.maximum_version = ssl.TLSVersion.TLSv1_2
+        refused.set_ciphers(other)
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # the server ends the handshake
+            await access.open(refused)
+        accepted = client_tls(pki, pki.client_cert, pki.client_key)
+        accepted.maximum_version = ssl.TLSVersion.TLSv1_2
+        accepted.set_ciphers(allowed)
+        async with endpoint(echo_handler) as ep:
+            reader, writer = await access.open(accepted)
+            assert writer.get_extra_info("cipher")[0] == allowed
+            writer.write(connect_request(ep.address))
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == ESTABLISHED
+            await shut(writer)
+
+
 # ------------------------------------------- configs/egress-selector, end to end
 EGRESS_DIR = ROOT / "configs" / "egress-selector"
-PROTOCOL_FOR_MODE = {"grpc": "GRPC", "http-connect": "HTTPConnect"}
-
-
-def documented_flags(path: Path) -> list[str]:
-    """The proxy-server flags a config file's comment says it needs."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# proxy-server flags"))
-    return lines[start + 1].lstrip("#").split()
 
 
 def test_frontend_header_timeout_flag() -> None:
@@ -545,40 +638,21 @@ def server_config_for_flags() -> ServerConfig:
     return server_cli.config_from_args(server_cli.build_parser().parse_args([]))
 
 
-def test_there_is_one_config_per_supported_way() -> None:
-    ways = set()
-    for path in EGRESS_DIR.glob("*.yaml"):
-        (selection,) = yaml.safe_load(path.read_text())["egressSelections"]
-        connection = selection["connection"]
-        ways.add((connection["proxyProtocol"], *connection["transport"]))
-    assert ways == {("GRPC", "uds"), ("HTTPConnect", "uds"), ("HTTPConnect", "tcp")}
-
-
 @pytest.mark.parametrize("path", sorted(EGRESS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 async def test_egress_config_works_with_the_flags_it_documents(path: Path, pki: DemoPki, short_tmp: Path) -> None:
-    """Parse the documented flags with the real CLI, check they agree with the file, then run
-    that server (paths moved to this test's PKI and socket) and connect as kube-apiserver would."""
+    """Run the server the file's comment documents (paths moved to this test's PKI and socket)
+    and connect as kube-apiserver would (tests/unit/test_egress_selector_configs.py checks the
+    file against those flags)."""
     body = yaml.safe_load(path.read_text())
-    assert body["apiVersion"] == "apiserver.k8s.io/v1beta1"
     (selection,) = body["egressSelections"]
     connection, transport = selection["connection"], selection["connection"]["transport"]
-    args = server_cli.build_parser().parse_args(
-        [*documented_flags(path), "--cluster-cert=/x.crt", "--cluster-key=/x.key"]
-    )
-    config = server_cli.config_from_args(args)
-    assert PROTOCOL_FOR_MODE[config.mode] == connection["proxyProtocol"]
+    config = egress_configs.server_config(egress_configs.documented_flags(path))
+    assert egress_configs.flag_mismatches(body, config) == []
     overrides: dict[str, object] = {"mode": config.mode}
-    if "uds" in transport:
-        assert config.uds_name == transport["uds"]["udsName"] and config.server_port == 0
-        assert not (config.server_cert or config.server_key or config.server_ca_cert)
-    else:
-        host, port = transport["tcp"]["url"].removeprefix("https://").rsplit(":", 1)
-        assert (config.uds_name, config.server_bind_address, config.server_port) == ("", host, int(port))
-        assert config.server_cert and config.server_key and config.server_ca_cert
-        assert set(transport["tcp"]["tlsConfig"]) == {"caBundle", "clientKey", "clientCert"}
+    if "tcp" in transport:
         overrides.update(
             uds_name="",
-            server_bind_address=host,
+            server_bind_address=config.server_bind_address,
             server_port=0,
             server_cert=str(pki.server_cert),
             server_key=str(pki.server_key),

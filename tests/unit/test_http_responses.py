@@ -110,6 +110,38 @@ def test_oversized_head_is_go_net_http_431() -> None:
     )
 
 
+def test_get_without_host_is_go_net_http_400_with_its_reason() -> None:
+    assert answers.unreadable_request(400, answers.MISSING_HOST_ERROR) == (
+        b"HTTP/1.1 400 Bad Request: missing required Host header\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Connection: close\r\n\r\n400 Bad Request: missing required Host header"
+    )
+    assert answers.unreadable_request(400, "some other parse error") == answers.unreadable_request(400)
+
+
+def test_connect_without_host_gets_the_target_as_host() -> None:
+    head = b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nUser-Agent: x\r\n\r\nearly bytes"
+    assert answers.connect_without_host(head, answers.MISSING_HOST_ERROR) == (
+        b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHost: 10.0.0.5:10250\r\nUser-Agent: x\r\n\r\nearly bytes"
+    )
+    bare_lf = b"CONNECT [::1]:80 HTTP/1.1\n\n"
+    assert answers.connect_without_host(bare_lf, answers.MISSING_HOST_ERROR) == (
+        b"CONNECT [::1]:80 HTTP/1.1\nHost: [::1]:80\r\n\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("head", "error"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", answers.MISSING_HOST_ERROR),  # Go requires Host except on CONNECT
+        (b"CONNECT a:1 HTTP/1.1\r\n\r\n", "illegal request line"),  # another parse error
+        (b"CONNECT a:1 b HTTP/1.1\r\n\r\n", answers.MISSING_HOST_ERROR),  # not a request line
+        (b"CONNECT a:1 HTTP/1.1", answers.MISSING_HOST_ERROR),  # no line end
+    ],
+)
+def test_only_a_connect_missing_host_is_patched(head: bytes, error: str) -> None:
+    assert answers.connect_without_host(head, error) is None
+
+
 # ------------------------------------------------------------- status mapping
 # (agent error text, status the reference answers); the 3.3 table of konnectivity-protocol.md.
 DIAL_ERROR_STATUS = [
