@@ -48,19 +48,14 @@ class ProxyAgent:
             if self.lease_counter is None:
                 await self.clients.run()
             else:
-                # The first list is awaited, so the first sync round already knows the servers.
-                await self.lease_counter.list_once()
-                await race(self.clients.run(), self._count_leases(),
+                # Side by side: an unreachable API never delays the first server connection (until the
+                # first list answers, the target is 1, as the reference's informer starts empty).
+                await race(self.clients.run(), self.lease_counter.run(),
                            names=("agent-client-set", "agent-lease-counter"))
         finally:
             await self.stop_probes()
             if self.lease_counter is not None:
                 await self.lease_counter.aclose()
-
-    async def _count_leases(self) -> None:
-        assert self.lease_counter is not None
-        await asyncio.sleep(self.config.lease_list_interval)
-        await self.lease_counter.run()
 
     async def start_probes(self) -> None:
         c = self.config

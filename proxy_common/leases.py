@@ -35,6 +35,7 @@ _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 _KEY = re.compile(rf"^({_PREFIX}/)?{_NAME}$")
 _VALUE = re.compile(rf"^({_NAME})?$")
+_SUBDOMAIN = re.compile(rf"^{_PREFIX}$")
 
 
 class LeaseLabelError(ValueError):
@@ -55,6 +56,15 @@ class LeaseView:
 
 def lease_name(server_id: str) -> str:
     return LEASE_NAME_PREFIX + server_id
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a Lease (a DNS-1123 subdomain), or None when it can."""
+    if not name or len(name) > 253:
+        return f"{name!r} must be 1 to 253 characters"
+    if not _SUBDOMAIN.match(name):
+        return f"{name!r} must be lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+    return None
 
 
 def parse_labels(text: str) -> dict[str, str]:

@@ -169,6 +169,9 @@ class ServerConfig:
             problems.append(f"--lease-label: {exc}")
         if not self.lease_namespace:
             problems.append("--lease-namespace must not be empty with --enable-lease-controller")
+        name_problem = leases.name_problem(leases.lease_name(self.server_id))
+        if name_problem:
+            problems.append(f"--server-id {self.server_id!r} cannot name this server's Lease: {name_problem}")
         if self.lease_duration_seconds <= 0 or not 0 < self.lease_renew_interval < self.lease_duration_seconds:
             problems.append("the Lease must be renewed more often than it lasts (0 < renew interval < duration)")
         if self.lease_gc_interval <= 0 or self.lease_api_timeout <= 0:

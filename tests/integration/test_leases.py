@@ -234,3 +234,29 @@ async def test_server_count_source_max_takes_the_larger(fleet: Fleet, fake: Fake
     other = fleet.add_agent("agent-2", server.agent_port)  # default source: the Leases win
     await wait_for(lambda: "s1" in other.agent.clients.sessions, what="connected")
     await wait_for(lambda: agent_metric(other, "known_server_count") == 1, what="leases: 1")
+
+
+async def test_an_agent_connects_even_when_the_lease_api_refuses_it(
+    fleet: Fleet, fake: FakeKube, tmp_path: Path, pki: DemoPki, short_tmp: Path
+) -> None:
+    """Lease counting is advisory: with the API refusing (401) the agent still serves its server
+    (target 1), logs why, and counts the refused lists under the reference's metric."""
+    anonymous = fake.write_kubeconfig(tmp_path / "anonymous", token="nobody-knows-me")
+    directory = short_tmp / "plain"
+    directory.mkdir()
+    server = ProxyServer(server_config(pki, directory, server_id="plain", server_count=1))
+    fleet.servers["plain"] = server
+    await server.start()
+    running = fleet.add_agent("agent-1", server.agent_port, kubeconfig=str(anonymous))
+    await wait_for(lambda: "plain" in running.agent.clients.sessions, what="connected despite the API")
+    await wait_for(lambda: agent_metric(running, "lease_lists_total", http_response_code="401",
+                                        reason="Unauthorized") >= 2, what="refused lists counted")
+    assert running.agent.clients.target_count == 1
+
+
+def test_an_agent_without_api_access_is_a_clear_startup_error(pki: DemoPki, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy_agent.app import ProxyAgent
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="in-cluster configuration"):
+        ProxyAgent(agent_config(pki, 1, count_server_leases=True, kubeconfig=""))

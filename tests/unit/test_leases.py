@@ -92,3 +92,26 @@ def test_renew_jitter_is_at_most_four_percent() -> None:
 def test_write_retry_doubles_up_to_seven_seconds() -> None:
     delays = [leases.create_retry_delay(n, 0.2) for n in range(1, 9)]
     assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 7.0, 7.0]
+
+
+def test_lease_names_must_be_dns_subdomains() -> None:
+    assert leases.name_problem("konnectivity-proxy-server-0b3c-4d.example") is None
+    for bad in ("", "Upper", "under_score", "-lead", "trail-", "x" * 254):
+        assert leases.name_problem(bad), bad
+
+
+def test_server_config_reports_lease_problems_only_with_the_controller_on() -> None:
+    from proxy_common.errors import ConfigError
+    from proxy_server.config import ServerConfig
+
+    base = {"uds_name": "/tmp/x.sock", "server_port": 0, "cluster_cert": "", "cluster_key": "", "server_id": "Bad_ID",
+            "lease_label": "novalue"}
+    with pytest.raises(ConfigError) as off:
+        ServerConfig(**base).validate()  # fails on other grounds (no certificates), not on the Lease
+    assert not [p for p in off.value.problems if "Lease" in p or "lease" in p]
+    with pytest.raises(ConfigError) as on:
+        ServerConfig(**base, enable_lease_controller=True, lease_renew_interval=40).validate()
+    problems = "\n".join(on.value.problems)
+    assert "--lease-label: invalid label 'novalue'" in problems
+    assert "--server-id 'Bad_ID' cannot name this server's Lease" in problems
+    assert "renewed more often than it lasts" in problems
