@@ -28,6 +28,7 @@ from proxy_agent.config import AgentConfig
 from proxy_common.certs import DemoPki, issue, make_ca, write_pair
 from proxy_common.client import open_tunnel
 from proxy_common.errors import ConfigError, DialFailure
+from proxy_common.messages import CloseDial, CloseRequest, CloseResponse, Data, DialRequest, DialResponse
 from proxy_server import cli as server_cli
 from proxy_server.config import ServerConfig
 from tests.harness import (
@@ -58,6 +59,7 @@ from tests.http_connect_client import (
     shut,
     sized_sink,
 )
+from tests.integration.test_interop_server import AGENT_MD, agent_stream, receive
 from tests.unit import test_egress_selector_configs as egress_configs
 
 pytestmark = pytest.mark.integration
@@ -423,6 +425,56 @@ async def test_slow_client_does_not_hold_up_others(pki: DemoPki, short_tmp: Path
         for reader, writer in stalled:
             assert await read_all(reader, timeout=10) == b""
             await shut(writer)
+
+
+# ------------------------------------------------------- against a raw Go-like agent
+async def test_raw_agent_sees_the_reference_packets(hc: tuple[Stack, Access]) -> None:
+    """What the agent sees and what the client gets, packet by packet (konnectivity-protocol.md
+    3.4): DIAL_REQ for the CONNECT target, the 200 only after DIAL_RSP, client bytes (pipelined
+    ones first) as DATA, agent DATA raw, client EOF -> CLOSE_REQ; agent DIAL_CLS -> the socket
+    closes without a byte; agent CLOSE_RSP -> the client sees EOF."""
+    stack, access = hc
+    async with agent_stream(stack, AGENT_MD) as agent:
+        await agent.call.initial_metadata()
+        await wait_for(lambda: stack.server.registry.is_ready(), what="agent registered")
+
+        reader, writer = await access.open()
+        writer.write(connect_request("10.0.0.5:10250") + b"early")
+        dial = await receive(agent)
+        assert isinstance(dial, DialRequest) and (dial.address, dial.protocol) == ("10.0.0.5:10250", "tcp")
+        assert 0 <= dial.dial_id < 1 << 63
+        with pytest.raises(TimeoutError):  # nothing is answered before the agent's DIAL_RSP
+            await asyncio.wait_for(reader.read(1), 0.2)
+        await agent.send(DialResponse(dial.dial_id, conn_id=7))
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == ESTABLISHED
+        assert await receive(agent) == Data(7, b"early")
+        writer.write(b"more")
+        assert await receive(agent) == Data(7, b"more")
+        await agent.send(Data(7, b"reply"))
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"reply"
+        await shut(writer)
+        assert await receive(agent) == CloseRequest(7)
+        await agent.send(CloseResponse(7))
+
+        reader, writer = await access.open()
+        writer.write(connect_request("10.0.0.5:10251"))
+        dial = await receive(agent)
+        assert isinstance(dial, DialRequest)
+        await agent.send(CloseDial(dial.dial_id))
+        assert await read_all(reader) == b""
+        await shut(writer)
+
+        reader, writer = await access.open()
+        writer.write(connect_request("10.0.0.5:10252"))
+        dial = await receive(agent)
+        assert isinstance(dial, DialRequest)
+        await agent.send(DialResponse(dial.dial_id, conn_id=8))
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == ESTABLISHED
+        await agent.send(Data(8, b"last words"))
+        await agent.send(CloseResponse(8))
+        assert await read_all(reader) == b"last words"
+        await shut(writer)
+        await settled(stack)
 
 
 # ------------------------------------------------------------------ tunnel ends
