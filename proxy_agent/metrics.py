@@ -161,6 +161,14 @@ class AgentMetrics:
         self.data_bytes.add_closed("server_to_endpoint", bytes_to_endpoint)
         self.data_bytes.add_closed("endpoint_to_server", bytes_from_endpoint)
 
+    def stream_failed(self, segment: str, code: str, packet_type: str = "Unknown") -> None:
+        """A send (`from_agent`) or receive (`to_agent`) on a server stream failed with a gRPC
+        status other than an orderly end: `stream_errors_total` and the deprecated
+        `server_connection_failure_count` (direction `to_server` / `from_server`), as the
+        reference counts both. `code` is Go's spelling (`Unavailable`)."""
+        self.stream_errors.labels(segment, code, packet_type).inc()
+        self.server_connection_failures.inc("to_server" if segment == "from_agent" else "from_server")
+
     def packet(self, segment: str, message: Message) -> None:
         key = (segment, type(message))
         child = self._packet_children.get(key)

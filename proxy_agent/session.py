@@ -29,7 +29,8 @@ from proxy_agent.flow import serve_on_own_stream
 from proxy_agent.metrics import AgentMetrics
 from proxy_common.errors import DialError, MalformedPacket, TunnelBroken, TunnelClosed
 from proxy_common.mailbox import Mailbox, MailboxClosed
-from proxy_common.messages import Data, Drain, Message
+from proxy_common.messages import Data, Drain, Message, packet_type_name
+from proxy_common.metrics import go_code_name
 from proxy_common.streams import PacketStream
 from proxy_common.tasks import race
 
@@ -115,14 +116,25 @@ class Session:
     # --------------------------------------------------------------- stream loops
     async def _read_loop(self) -> None:
         while True:
-            message = await self.stream.receive()
+            try:
+                message = await self.stream.receive()
+            except TunnelBroken as exc:
+                self.metrics.stream_failed("to_agent", go_code_name(exc.code))
+                raise
+            except MalformedPacket:
+                self.metrics.stream_failed("to_agent", "Internal")  # Go: Recv fails to unmarshal
+                raise
             self.metrics.packet("to_agent", message)
             for action in self.table.receive(message):
                 await self._carry_out(action)
 
     async def _write_loop(self) -> None:
         while (message := await self.outbox.get()) is not None:
-            await self.stream.send(message)
+            try:
+                await self.stream.send(message)
+            except TunnelBroken as exc:
+                self.metrics.stream_failed("from_agent", go_code_name(exc.code), packet_type_name(message))
+                raise
             self.metrics.packet("from_agent", message)
 
     # ---------------------------------------------------------------- actions

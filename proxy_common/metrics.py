@@ -52,3 +52,13 @@ def render(registry: CollectorRegistry, count_names: Iterable[str] = ()) -> byte
     for name in count_names:
         text = text.replace(f"# TYPE {name} untyped\n".encode(), f"# TYPE {name} counter\n".encode())
     return text
+
+
+def go_code_name(code: str) -> str:
+    """A gRPC status code as Go's `codes.Code.String()` spells it (the `code` label of
+    `..._stream_errors_total`): `UNAVAILABLE` -> `Unavailable`, `CANCELLED` -> `Canceled`."""
+    if code == "CANCELLED":
+        return "Canceled"
+    if code == "OK":
+        return "OK"
+    return "".join(part.capitalize() for part in code.split("_"))

@@ -100,6 +100,7 @@ class AgentServicer:
                 names=(f"agent-reader {label}", f"agent-writer {label}"),
             )
         except* MalformedPacket as group:
+            metrics.undecodable_packet("from_agent")
             log.warning("malformed packet from agent, ending stream %s error=%s", label, first_error(group))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first_error(group)))
         finally:
@@ -113,11 +114,15 @@ class AgentServicer:
                 message = await stream.receive()
             except TunnelClosed:
                 return
-            await self.board.from_agent(backend_id, message)
+            await self.board.from_agent(backend_id, message, service_method="Connect")
 
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
         while (message := await link.mailbox.get()) is not None:
-            await stream.send(message)
+            try:
+                await stream.send(message)
+            except grpc.aio.BaseError:  # the agent went away while we wrote: nothing left to write to
+                self.board.metrics.send_failed("to_agent", message)
+                return
 
     @staticmethod
     async def _refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, reason: str) -> None:

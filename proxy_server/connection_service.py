@@ -63,6 +63,7 @@ class ConnectionServicer:
                 names=(f"conn-reader conn_id={first.conn_id}", f"conn-writer conn_id={first.conn_id}"),
             )
         except* MalformedPacket as group:
+            self.board.metrics.undecodable_packet("from_agent")
             log.warning("malformed packet on connection stream conn_id=%d error=%s", first.conn_id, first_error(group))
         finally:
             self.board.close_connection_link(backend_id, first.conn_id, link)
@@ -77,4 +78,8 @@ class ConnectionServicer:
 
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
         while (message := await link.mailbox.get()) is not None:
-            await stream.send(message)
+            try:
+                await stream.send(message)
+            except grpc.aio.BaseError:  # the agent went away while we wrote: nothing left to write to
+                self.board.metrics.send_failed("to_agent", message)
+                return

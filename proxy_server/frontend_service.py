@@ -44,6 +44,7 @@ class ProxyServicer:
                 names=(f"frontend-reader id={frontend_id}", f"frontend-writer id={frontend_id}"),
             )
         except* MalformedPacket as group:
+            metrics.undecodable_packet("from_client")
             log.warning("malformed packet from frontend, ending stream error=%s", first_error(group))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first_error(group)))
         finally:
@@ -56,13 +57,17 @@ class ProxyServicer:
                 message = await stream.receive()
             except TunnelClosed:
                 return
-            await self.board.from_frontend(frontend_id, message)
+            await self.board.from_frontend(frontend_id, message, service_method="Proxy")
 
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
         metrics = self.board.metrics
         observe = metrics.frontend_write_duration.observe
         while (message := await link.mailbox.get()) is not None:
             started = time.perf_counter()
-            await stream.send(message)
+            try:
+                await stream.send(message)
+            except grpc.aio.BaseError:  # the client went away while we wrote: nothing left to write to
+                metrics.send_failed("to_client", message)
+                return
             observe(time.perf_counter() - started)
             metrics.packet("to_client", message)

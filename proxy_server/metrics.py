@@ -203,6 +203,17 @@ class ServerMetrics:
     def stream_error(self, segment: str, code: str, packet_type: str = "Unknown") -> None:
         self.stream_errors.labels(segment, code, packet_type).inc()
 
+    def send_failed(self, segment: str, message: Message) -> None:
+        """A write to a stream whose peer has gone (grpc.aio fails it without a status; the
+        reference's Send reports the peer's cancellation): counted as `Canceled`."""
+        self.stream_error(segment, "Canceled", packet_type_name(message))
+
+    def undecodable_packet(self, segment: str) -> None:
+        """A packet that does not decode: the reference's Recv fails with codes.Internal
+        ("failed to unmarshal"), counted with packet type Unknown. grpc.aio servicers see no
+        other stream errors: a peer that cancels or vanishes looks like an orderly end."""
+        self.stream_error(segment, "Internal")
+
     def dial_succeeded(self, seconds: float) -> None:
         self.dial_duration.observe(seconds)
 

@@ -22,8 +22,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from proxy_common.mailbox import Mailbox, MailboxClosed
 from proxy_common.messages import CloseRequest, Data, DialRequest, Message, packet_type_name
@@ -31,6 +32,7 @@ from proxy_server import router as r
 from proxy_server.metrics import ServerMetrics
 
 log = logging.getLogger("proxy_server")
+T = TypeVar("T")
 
 
 def message_size(message: Message) -> int:
@@ -138,7 +140,9 @@ class Switchboard:
         return sum(link.mailbox.buffered_bytes for link in links)
 
     # ---------------------------------------------------------------- happenings
-    async def from_frontend(self, frontend_id: int, message: Message) -> None:
+    async def from_frontend(self, frontend_id: int, message: Message, *, service_method: str = "") -> None:
+        """A message from a frontend. `service_method` ("Proxy" for gRPC frontends): while its
+        reader waits for room toward the agent, it counts in `full_receive_channels`."""
         self.metrics.packet("from_client", message)
         if type(message) is Data:
             link = self.frontends.get(frontend_id)
@@ -146,24 +150,29 @@ class Switchboard:
                 link.bytes_to_agent += len(message.data)
         elif type(message) is DialRequest and frontend_id in self.frontends:
             self.frontends[frontend_id].address = message.address
-        await self.execute(self.router.from_frontend(frontend_id, message))
+        await self.execute(self.router.from_frontend(frontend_id, message), service_method=service_method)
 
-    async def from_agent(self, backend_id: int, message: Message, *, own_stream: bool = False) -> None:
+    async def from_agent(
+        self, backend_id: int, message: Message, *, own_stream: bool = False, service_method: str = ""
+    ) -> None:
         """A message from an agent. `own_stream`: it came on the connection's own stream, so
-        waiting for its frontend to read holds up nothing else (no overflow deadline)."""
+        waiting for its frontend to read holds up nothing else (no overflow deadline).
+        `service_method` ("Connect" for the agent's stream): as in `from_frontend`."""
         self.metrics.packet("from_agent", message)
-        await self.execute(self.router.from_agent(backend_id, message), own_stream=own_stream)
+        await self.execute(
+            self.router.from_agent(backend_id, message), own_stream=own_stream, service_method=service_method
+        )
         if type(message) is not Data:
             self._update_backend_gauges()
 
     # ----------------------------------------------------------------- execution
-    async def execute(self, actions: Iterable[r.Action], *, own_stream: bool = False) -> None:
+    async def execute(self, actions: Iterable[r.Action], *, own_stream: bool = False, service_method: str = "") -> None:
         """Carry out actions in order; only DATA deliveries may wait."""
         for action in actions:
             if type(action) is r.SendToAgent and type(action.message) is Data:
-                await self._data_to_agent(action.backend_id, action.message)
+                await self._data_to_agent(action.backend_id, action.message, service_method)
             elif type(action) is r.SendToFrontend and type(action.message) is Data:
-                await self._data_to_frontend(action.frontend_id, action.message, own_stream)
+                await self._data_to_frontend(action.frontend_id, action.message, own_stream, service_method)
             else:
                 self._carry_out(action)
 
@@ -172,17 +181,20 @@ class Switchboard:
         for action in actions:
             self._carry_out(action)
 
-    async def _data_to_agent(self, backend_id: int, data: Data) -> None:
+    async def _data_to_agent(self, backend_id: int, data: Data, service_method: str = "") -> None:
         link = self.connection_links.get((backend_id, data.conn_id)) or self.backends.get(backend_id)
         if link is None:
             return
         try:
-            await link.mailbox.put(data)
+            if not link.mailbox.offer(data):
+                await self._blocked(link.mailbox.put(data), service_method)
         except MailboxClosed:
             return
         self.metrics.packet("to_agent", data)
 
-    async def _data_to_frontend(self, frontend_id: int, data: Data, own_stream: bool = False) -> None:
+    async def _data_to_frontend(
+        self, frontend_id: int, data: Data, own_stream: bool = False, service_method: str = ""
+    ) -> None:
         link = self.frontends.get(frontend_id)
         if link is None:
             return
@@ -194,7 +206,9 @@ class Switchboard:
             elif own_stream:
                 delivered = await link.mailbox.put_within(data, self.stall_timeout)
             else:
-                delivered = await link.mailbox.put_within(data, self.overflow_wait)
+                delivered = link.mailbox.offer(data) or await self._blocked(
+                    link.mailbox.put_within(data, self.overflow_wait), service_method
+                )
         except MailboxClosed:
             return
         if delivered:
@@ -207,6 +221,18 @@ class Switchboard:
         )
         self.metrics.overflow_closed()
         self.execute_now(self.router.frontend_overflowed(frontend_id))
+
+    async def _blocked(self, delivery: Awaitable[T], service_method: str) -> T:
+        """Await a delivery that found its mailbox full. The reader waiting on it is what the
+        reference calls a stream blocked on a full receive channel; it is counted meanwhile."""
+        if not service_method:
+            return await delivery
+        gauge = self.metrics.full_receive_channels.labels(service_method)
+        gauge.inc()
+        try:
+            return await delivery
+        finally:
+            gauge.dec()
 
     def _carry_out(self, action: r.Action) -> None:
         match action:
