@@ -35,9 +35,9 @@ class Mailbox(Generic[T]):
         self._items: deque[T] = deque()
         self._bytes = 0
         self._closed = False
-        self._readable = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        # Waiters are created only while someone waits: thousands of idle mailboxes stay small.
+        self._reader: asyncio.Future[None] | None = None
+        self._writers: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
         return len(self._items)
@@ -60,9 +60,7 @@ class Mailbox(Generic[T]):
         size = self._size_of(item)
         self._items.append(item)
         self._bytes += size
-        self._readable.set()
-        if self._bytes >= self.max_bytes:
-            self._room.clear()
+        self._wake_reader()
 
     def offer(self, item: T) -> bool:
         """Append if there is room now; False otherwise (nothing is appended)."""
@@ -76,7 +74,13 @@ class Mailbox(Generic[T]):
     async def put(self, item: T) -> None:
         """Wait for room, then append. Raises MailboxClosed once the mailbox is closed."""
         while not self.offer(item):
-            await self._room.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._writers.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._writers:
+                    self._writers.remove(waiter)
 
     async def put_within(self, item: T, seconds: float) -> bool:
         """Like put(), but give up after `seconds` and return False."""
@@ -94,8 +98,11 @@ class Mailbox(Generic[T]):
         while not self._items:
             if self._closed:
                 return None
-            self._readable.clear()
-            await self._readable.wait()
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
         return self._take()
 
     def get_nowait(self) -> T | None:
@@ -104,18 +111,28 @@ class Mailbox(Generic[T]):
     def close(self) -> None:
         """No more items will be accepted; the consumer drains what is queued, then gets None."""
         self._closed = True
-        self._readable.set()
-        self._room.set()
+        self._wake_reader()
+        self._wake_writers()
 
     def clear(self) -> None:
         """Drop everything queued (the consumer is gone)."""
         self._items.clear()
         self._bytes = 0
-        self._room.set()
+        self._wake_writers()
 
     def _take(self) -> T:
         item = self._items.popleft()
         self._bytes -= self._size_of(item)
-        if self._bytes < self.max_bytes:
-            self._room.set()
+        if self._writers and self._bytes < self.max_bytes:
+            self._wake_writers()
         return item
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    def _wake_writers(self) -> None:
+        """Every waiting producer retries (each re-checks the room, in FIFO order)."""
+        for waiter in self._writers:
+            if not waiter.done():
+                waiter.set_result(None)

@@ -18,12 +18,21 @@ from proxy_common import wire
 from proxy_common.errors import TunnelBroken, TunnelClosed
 from proxy_common.messages import Message
 
-# Extra HTTP/2 settings for every channel and server of ours. Larger frames
-# (KONNECTIVITY_PY_FRAME=bytes) measured no clear gain over grpc's 16 KiB default on 2 cores,
-# so by default none are set; the hook stays for tuning on other machines.
-TRANSPORT_OPTIONS: list[tuple[str, int]] = (
-    [("grpc.http2.max_frame_size", int(os.environ["KONNECTIVITY_PY_FRAME"]))] if "KONNECTIVITY_PY_FRAME" in os.environ else []
-)
+
+# Extra grpc channel arguments for every channel and server of ours, for tuning on other
+# machines: KONNECTIVITY_PY_GRPC_OPTIONS="grpc.http2.max_frame_size=65536,..." (integer values).
+# KONNECTIVITY_PY_FRAME=<bytes> is kept as a short form of grpc.http2.max_frame_size.
+def _transport_options(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, int]]:
+    options: list[tuple[str, int]] = []
+    if "KONNECTIVITY_PY_FRAME" in environ:
+        options.append(("grpc.http2.max_frame_size", int(environ["KONNECTIVITY_PY_FRAME"])))
+    for item in filter(None, environ.get("KONNECTIVITY_PY_GRPC_OPTIONS", "").split(",")):
+        name, _, value = item.partition("=")
+        options.append((name.strip(), int(value)))
+    return options
+
+
+TRANSPORT_OPTIONS: list[tuple[str, int]] = _transport_options(os.environ)
 
 PROXY_METHOD = "/ProxyService/Proxy"
 CONNECT_METHOD = "/AgentService/Connect"

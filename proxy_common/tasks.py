@@ -1,6 +1,7 @@
 """Small structured-concurrency helpers on asyncio 3.11.
 
-SHELL. Every task belongs to a TaskGroup; `race()` runs siblings until the first one ends.
+SHELL. Every task has an owner that cancels and awaits it; `race()` runs siblings until the
+first one ends.
 """
 
 from __future__ import annotations
@@ -13,28 +14,62 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 
-class _Finished(Exception):
-    """Internal: a sibling ended normally."""
-
-
 async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -> None:
-    """Run coroutines as sibling tasks; when the first returns, cancel the others.
+    """Run coroutines side by side; when the first one ends, cancel the others and wait for them.
 
-    Exceptions other than a normal return propagate (as an ExceptionGroup, unwrapped when
-    there is exactly one).
+    Errors (anything but a normal return or the cancellation we caused) propagate as one
+    ExceptionGroup, as a TaskGroup raises them. The last coroutine runs inline in the
+    calling task and the others as owned tasks, so a race of two costs one extra task: it
+    runs once or twice per tunnelled connection, and thousands of connections stay open.
     """
+    if not coros:
+        return
+    current = asyncio.current_task()
+    assert current is not None, "race() runs inside a task"
+    *others, inline = coros
+    tasks = [
+        asyncio.create_task(coro, name=names[index] if index < len(names) else None)
+        for index, coro in enumerate(others)
+    ]
+    state = {"inline_running": True, "we_cancelled": False}
 
-    async def until_done(coro: Coroutine[Any, Any, None]) -> None:
-        await coro
-        raise _Finished
+    def first_task_ended(_task: asyncio.Task[None]) -> None:
+        if state["inline_running"] and not state["we_cancelled"]:
+            state["we_cancelled"] = True
+            current.cancel()
 
+    for task in tasks:
+        task.add_done_callback(first_task_ended)
+    errors: list[BaseException] = []
+    outer_cancel = False
     try:
-        async with asyncio.TaskGroup() as group:
-            for index, coro in enumerate(coros):
-                name = names[index] if index < len(names) else None
-                group.create_task(until_done(coro), name=name)
-    except* _Finished:
-        pass
+        await inline
+    except asyncio.CancelledError:
+        # Ours (a sibling ended first) unless the task was also cancelled from outside.
+        outer_cancel = not state["we_cancelled"] or current.uncancel() > 0
+        state["we_cancelled"] = False
+    except BaseException as exc:  # gathered and re-raised below
+        errors.append(exc)
+    finally:
+        state["inline_running"] = False
+        if state["we_cancelled"]:
+            current.uncancel()  # the inline coroutine swallowed our cancellation
+        for task in tasks:
+            task.remove_done_callback(first_task_ended)
+            task.cancel()
+        # Wait for the siblings even if we are cancelled again meanwhile: they must not outlive us.
+        while not all(task.done() for task in tasks):
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:
+                outer_cancel = True
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())  # type: ignore[arg-type]
+    if outer_cancel:
+        raise asyncio.CancelledError
+    if errors:
+        raise BaseExceptionGroup("race", errors)
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:

@@ -1,0 +1,155 @@
+"""Mailbox (bounded FIFO, lazily created waiters) and race() (first to end cancels the rest)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy_common.mailbox import Mailbox, MailboxClosed
+from proxy_common.tasks import race
+
+
+def sized() -> Mailbox[bytes]:
+    return Mailbox(8, len)
+
+
+async def test_fifo_with_control_items_always_fitting() -> None:
+    box = sized()
+    assert box.offer(b"12345678")
+    assert not box.offer(b"x")  # full
+    box.force(b"")  # a control item of size 0 still goes in
+    assert box.buffered_bytes == 8
+    assert [await box.get(), await box.get()] == [b"12345678", b""]
+    assert box.buffered_bytes == 0
+
+
+async def test_put_waits_for_room_and_resumes_in_order() -> None:
+    box = sized()
+    await box.put(b"aaaaaaaa")
+    first = asyncio.create_task(box.put(b"bbbb"))
+    second = asyncio.create_task(box.put(b"cccc"))
+    await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    assert await box.get() == b"aaaaaaaa"
+    await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert [await box.get(), await box.get()] == [b"bbbb", b"cccc"]
+    assert box._writers == []  # no waiter is left behind
+
+
+async def test_get_waits_then_close_drains_then_ends() -> None:
+    box = sized()
+    reader = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    assert not reader.done()
+    box.force(b"hi")
+    assert await asyncio.wait_for(reader, 1) == b"hi"
+    box.force(b"last")
+    box.close()
+    assert await box.get() == b"last"
+    assert await box.get() is None
+    with pytest.raises(MailboxClosed):
+        await box.put(b"late")
+
+
+async def test_close_and_clear_release_waiting_producers() -> None:
+    box = sized()
+    box.force(b"12345678")
+    waiting = asyncio.create_task(box.put(b"more"))
+    await asyncio.sleep(0)
+    box.close()
+    with pytest.raises(MailboxClosed):
+        await asyncio.wait_for(waiting, 1)
+    box.clear()
+    assert box.buffered_bytes == 0 and len(box) == 0
+
+
+async def test_put_within_gives_up_after_the_wait() -> None:
+    box = sized()
+    box.force(b"12345678")
+    assert await box.put_within(b"x", 0.01) is False
+    assert box._writers == []
+    assert box.get_nowait() == b"12345678"
+    assert await box.put_within(b"x", 0.01) is True
+
+
+async def test_cancelled_get_leaves_the_mailbox_usable() -> None:
+    box = sized()
+    reader = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    box.force(b"ok")
+    assert await box.get() == b"ok"
+
+
+# ------------------------------------------------------------------------ race
+async def test_race_first_to_return_cancels_the_others() -> None:
+    cancelled: list[str] = []
+
+    async def forever(name: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(name)
+            raise
+
+    async def quick() -> None:
+        await asyncio.sleep(0)
+
+    # awaited directly (pytest-timeout bounds it), so this task's cancel count can be checked
+    await race(forever("task"), quick())  # the inline one ends first
+    assert cancelled == ["task"]
+    await race(quick(), forever("inline"))  # a task ends first
+    assert cancelled == ["task", "inline"]
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_race_propagates_errors_as_a_group() -> None:
+    async def boom() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("bad packet")
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    for coros in ((boom(), forever()), (forever(), boom())):
+        with pytest.raises(ExceptionGroup) as info:
+            await asyncio.wait_for(race(*coros), 1)
+        assert [str(e) for e in info.value.exceptions] == ["bad packet"]
+
+
+async def test_race_cancelled_from_outside_cancels_everything() -> None:
+    started = asyncio.Event()
+    ended: list[str] = []
+
+    async def forever(name: str) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            ended.append(name)
+
+    outer = asyncio.create_task(race(forever("a"), forever("b")))
+    await started.wait()
+    await asyncio.sleep(0)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    assert sorted(ended) == ["a", "b"]
+
+
+async def test_race_when_the_inline_side_swallows_our_cancellation() -> None:
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return  # ends normally instead
+
+    async def quick() -> None:
+        return
+
+    await race(quick(), stubborn())
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await asyncio.sleep(0)  # and no cancellation is left pending for this task
