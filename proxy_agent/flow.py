@@ -23,7 +23,8 @@ import grpc.aio
 from proxy_agent import connections as c
 from proxy_common import metadata
 from proxy_common.errors import MalformedPacket, TunnelBroken, TunnelClosed
-from proxy_common.messages import Data
+from proxy_common.messages import Data, Message, packet_type_name
+from proxy_common.metrics import go_code_name
 from proxy_common.streams import ClientStream
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ async def serve_on_own_stream(
         if not all(isinstance(action, c.Send) for action in opened):
             return  # the dial was cancelled meanwhile
         for action in opened:
-            await stream.send(action.message)
+            await _send(session, stream, action.message)
         down_task = asyncio.create_task(_down(session, endpoint, stream, writer), name=f"conn-stream-reader conn_id={conn_id}")
         await _up_until_either_ends(session, endpoint, stream, reader, down_task)
     except STREAM_ERRORS:
@@ -67,7 +68,7 @@ async def _up_until_either_ends(
     async def up() -> None:
         while chunk := await reader.read(chunk_size):
             endpoint.bytes_out += len(chunk)
-            await stream.send(Data(endpoint.conn_id, chunk))
+            await _send(session, stream, Data(endpoint.conn_id, chunk))
 
     up_task = asyncio.create_task(up(), name=f"conn-stream-writer conn_id={endpoint.conn_id}")
     try:
@@ -87,6 +88,13 @@ async def _down(session: Session, endpoint: _Endpoint, stream: ClientStream, wri
             message = await stream.receive()
         except TunnelClosed:
             return
+        except TunnelBroken as exc:
+            session.metrics.stream_failed("to_agent", go_code_name(exc.code))
+            raise
+        except MalformedPacket:
+            session.metrics.stream_failed("to_agent", "Internal")
+            raise
+        session.metrics.packet("to_agent", message)
         for action in session.table.receive(message):
             if type(action) is c.WriteEndpoint:
                 endpoint.bytes_in += len(action.data)
@@ -96,7 +104,17 @@ async def _down(session: Session, endpoint: _Endpoint, stream: ClientStream, wri
                 endpoint.close_reason = endpoint.close_reason or "close_request"
                 return
             elif type(action) is c.Send:
-                await stream.send(action.message)
+                await _send(session, stream, action.message)
+
+
+async def _send(session: Session, stream: ClientStream, message: Message) -> None:
+    """Send on this connection's stream, counted like the shared stream's packets and errors."""
+    try:
+        await stream.send(message)
+    except TunnelBroken as exc:
+        session.metrics.stream_failed("from_agent", go_code_name(exc.code), packet_type_name(message))
+        raise
+    session.metrics.packet("from_agent", message)
 
 
 async def _say_goodbye(session: Session, conn_id: int, stream: ClientStream, down_task: asyncio.Task[None] | None) -> None:
@@ -108,7 +126,7 @@ async def _say_goodbye(session: Session, conn_id: int, stream: ClientStream, dow
         async with asyncio.timeout(GOODBYE_SECONDS):
             for action in session.table.endpoint_closed(conn_id):
                 if isinstance(action, c.Send):
-                    await stream.send(action.message)
+                    await _send(session, stream, action.message)
             await call.done_writing()
             if down_task is not None and not down_task.done():
                 await asyncio.shield(down_task)

@@ -14,10 +14,11 @@ import grpc.aio
 import pytest
 
 from proxy_common.certs import DemoPki
+from proxy_common.client import open_tunnel
 from proxy_common.messages import Data, DialRequest, DialResponse
 from proxy_common.metrics import go_code_name
 from proxy_common.streams import ClientStream
-from tests.harness import RunningAgent, Stack, agent_config, wait_for
+from tests.harness import RunningAgent, Stack, agent_config, echo_handler, endpoint, wait_for
 from tests.integration.test_interop_server import AGENT_MD, agent_stream, proxy_stream, receive
 
 pytestmark = pytest.mark.integration
@@ -195,5 +196,31 @@ async def test_write_to_a_frontend_that_went_away_counts_as_a_stream_error(pki: 
             await wait_for(lambda: server_value(stack, "stream_errors_total", segment="to_client", code="Canceled",
                                                 packet_type="DATA") == 1, what="write error counted")
         await stack.wait_idle()
+    finally:
+        await stack.stop()
+
+
+@pytest.mark.parametrize("flow_control", [True, False], ids=["own-streams", "shared-stream"])
+async def test_agent_counts_every_packet_the_server_counts(pki: DemoPki, short_tmp: Any, flow_control: bool) -> None:
+    """Per-connection streams carry DATA too: the agent's packet counts match the server's."""
+    stack = await Stack(pki, short_tmp).start()
+    try:
+        running = await stack.add_agent(flow_control=flow_control)
+        async with endpoint(echo_handler) as ep:
+            for _ in range(3):
+                tunnel = await open_tunnel(ep.address, uds_path=stack.uds)
+                reader, writer = await tunnel.open_streams()
+                writer.write(b"ping" * 1000)
+                await writer.drain()
+                assert await reader.readexactly(4000) == b"ping" * 1000
+                writer.close()
+                await writer.wait_closed()
+        await stack.wait_idle()
+        for segment, packet_type in [("from_agent", "DATA"), ("to_agent", "DATA"), ("to_agent", "CLOSE_REQ"),
+                                     ("from_agent", "CLOSE_RSP"), ("from_agent", "DIAL_RSP")]:
+            server = server_value(stack, "stream_packets_total", segment=segment, packet_type=packet_type)
+            await wait_for(lambda s=segment, t=packet_type, n=server: agent_value(
+                running, "stream_packets_total", segment=s, packet_type=t) == n, what=f"agent count of {segment} {packet_type}")
+            assert server >= 3  # three connections, each with at least one of these
     finally:
         await stack.stop()
