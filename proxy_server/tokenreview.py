@@ -32,16 +32,17 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import urllib3
-from kubernetes import client as kube
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy_common import metadata
 from proxy_common.kube import api_status, load_client_configuration, transport_error_text
 from proxy_server import auth
 from proxy_server.auth import AgentAuthError, AuthPolicy, ReviewResult, ReviewUnavailable, TokenVerifier
+
+if TYPE_CHECKING:  # `kubernetes` (about a second to import) loads only when token auth is built
+    from kubernetes import client as kube
 
 log = logging.getLogger("proxy_server.auth")
 
@@ -232,6 +233,9 @@ class KubeTokenReviewer:
         burst: int = 0,
         workers: int = REVIEW_WORKERS,
     ) -> None:
+        import urllib3
+        from kubernetes import client as kube
+
         configuration.connection_pool_maxsize = workers
         # No retries inside the bound: a failed review refuses this attempt and the agent retries
         # with its back-off (urllib3 already skips pooled connections the server has dropped).
@@ -243,6 +247,7 @@ class KubeTokenReviewer:
         self._api_client = kube.ApiClient(configuration)
         self._api_client.user_agent = USER_AGENT
         self._api = kube.AuthenticationV1Api(self._api_client)
+        self._kube = kube
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="token-review")
         self._slots = asyncio.Semaphore(workers)
         self._limiter = RateLimiter(qps, burst or DEFAULT_BURST) if qps > 0 else None
@@ -269,6 +274,7 @@ class KubeTokenReviewer:
 
     def _review_blocking(self, token: str) -> ReviewResult:
         """Runs in a worker thread. Every failure leaves as ReviewUnavailable, token-free."""
+        kube = self._kube
         body = kube.V1TokenReview(
             api_version="authentication.k8s.io/v1",
             kind="TokenReview",
