@@ -29,6 +29,11 @@ def agent(clients: ClientSet) -> dict[str, Any]:
         "identifiers": parsed,
         "draining": clients.draining,
         "server_count": clients.target_count,
+        "server_count_from_headers": clients.last_server_count,
+        "server_count_from_leases": clients.lease_counter.count() if clients.lease_counter is not None else None,
+        "server_count_source": config.server_count_source or "default",
+        "connection_attempts": clients.attempts,
+        "duplicates_in_a_row": clients.duplicate_streak,
         "connections": sum(len(s.endpoints) for s in clients.sessions.values()),
     }
 

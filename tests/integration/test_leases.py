@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from proxy_agent import debug
 from proxy_common.certs import DemoPki
 from proxy_common.errors import ConfigError
 from proxy_server.app import ProxyServer
@@ -231,6 +232,12 @@ async def test_server_count_source_max_takes_the_larger(fleet: Fleet, fake: Fake
     running = fleet.add_agent("agent-1", server.agent_port, server_count_source="max")
     await wait_for(lambda: "s1" in running.agent.clients.sessions, what="connected")
     await wait_for(lambda: agent_metric(running, "known_server_count") == 3, what="max(1 lease, header 3)")
+    counter = running.agent.lease_counter
+    assert counter is not None
+    await wait_for(lambda: counter.count() == 1, what="the server's Lease listed")
+    view = debug.agent(running.agent.clients)  # the admin port's /debug/agent explains the target
+    assert (view["server_count"], view["server_count_from_headers"], view["server_count_from_leases"],
+            view["server_count_source"]) == (3, 3, 1, "max")
     other = fleet.add_agent("agent-2", server.agent_port)  # default source: the Leases win
     await wait_for(lambda: "s1" in other.agent.clients.sessions, what="connected")
     await wait_for(lambda: agent_metric(other, "known_server_count") == 1, what="leases: 1")
