@@ -8,6 +8,7 @@ API never pays for loading it.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import errno
 import functools
 import json
@@ -107,12 +108,14 @@ class ApiCaller:
         self.api_client.user_agent = user_agent
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
 
-    async def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        kwargs["_request_timeout"] = self.timeout
+    async def call(self, method: Callable[..., Any], *args: Any, deadline: float | None = None, **kwargs: Any) -> Any:
+        """`method(*args, **kwargs)` in a worker thread, within `deadline` (default: `timeout`) seconds."""
+        bound = self.timeout if deadline is None else deadline
+        kwargs["_request_timeout"] = bound
         loop = asyncio.get_running_loop()
         job = functools.partial(_call_blocking, method, args, kwargs)
         try:
-            async with asyncio.timeout(self.timeout + 1):
+            async with asyncio.timeout(bound + 1):
                 return await loop.run_in_executor(self._executor, job)
         except TimeoutError:
             raise ApiFailure(0, "", "i/o timeout") from None
@@ -132,6 +135,14 @@ def _call_blocking(method: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     except Exception as exc:  # the HTTP stack's errors, translated once, here
         failure = ApiFailure(0, "", transport_error_text(exc))
     raise failure
+
+
+def micro_time(moment: dt.datetime) -> dt.datetime:
+    """A time the client serializes as kube-apiserver's MicroTime expects it.
+
+    The client writes `isoformat()`, which drops the fraction when it is zero; MicroTime
+    parsing requires exactly six fractional digits, so such a time would be refused."""
+    return moment.replace(microsecond=1) if moment.microsecond == 0 else moment
 
 
 def lease_view(lease: Any) -> leases.LeaseView:

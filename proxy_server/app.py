@@ -111,13 +111,12 @@ class ProxyServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, end every stream (after `grace` seconds at most), remove the socket.
 
-        The server's Lease goes first, so agents counting Leases stop looking for this server."""
+        Meanwhile the server's Lease is deleted, so agents counting Leases stop looking for it."""
         controller, self.lease_controller = self.lease_controller, None
-        if controller is not None:
-            await controller.stop()
         http, self._http = self._http, None
         await asyncio.gather(
-            *(server.stop(grace) for server in self._servers), *([http.aclose(grace)] if http else [])
+            *(server.stop(grace) for server in self._servers), *([http.aclose(grace)] if http else []),
+            *([controller.stop()] if controller is not None else []),
         )
         self.board.cancel_timers()
         await self._stop_probes()

@@ -36,6 +36,7 @@ log = logging.getLogger("proxy_server.leases")
 
 USER_AGENT = "konnectivity-py-proxy-server"
 CREATE_RETRY_BASE = 0.1
+SHUTDOWN_DELETE_SECONDS = 3.0  # the own Lease's deletion must not hold a stopping server for long
 
 
 def utc_now() -> dt.datetime:
@@ -123,7 +124,9 @@ class LeaseController:
                 log.info("server lease created namespace=%s lease=%s", self.namespace, self.name)
                 return
         lease = self._latest
-        now = self.clock()
+        now = kube.micro_time(self.clock())
+        if lease.spec is None:
+            lease.spec = self._k8s.V1LeaseSpec()
         lease.metadata.labels = {**(lease.metadata.labels or {}), **self.labels}
         lease.spec.holder_identity = self.server_id
         lease.spec.lease_duration_seconds = self.duration
@@ -143,7 +146,7 @@ class LeaseController:
 
     def _new_lease(self) -> Any:
         k8s = self._k8s
-        now = self.clock()
+        now = kube.micro_time(self.clock())
         return k8s.V1Lease(
             api_version="coordination.k8s.io/v1", kind="Lease",
             metadata=k8s.V1ObjectMeta(name=self.name, namespace=self.namespace, labels=dict(self.labels)),
@@ -153,7 +156,8 @@ class LeaseController:
 
     async def _delete_own(self) -> None:
         try:
-            await self.caller.call(self.api.delete_namespaced_lease, self.name, self.namespace)
+            await self.caller.call(self.api.delete_namespaced_lease, self.name, self.namespace,
+                                   deadline=min(SHUTDOWN_DELETE_SECONDS, self.caller.timeout))
         except ApiFailure as exc:
             if exc.code != 404:
                 log.warning("cannot delete the server lease on shutdown namespace=%s lease=%s code=%d error=%s",

@@ -115,3 +115,14 @@ def test_server_config_reports_lease_problems_only_with_the_controller_on() -> N
     assert "--lease-label: invalid label 'novalue'" in problems
     assert "--server-id 'Bad_ID' cannot name this server's Lease" in problems
     assert "renewed more often than it lasts" in problems
+
+
+def test_times_sent_to_the_api_always_carry_microseconds() -> None:
+    """kube-apiserver parses MicroTime with exactly six fractional digits; the client writes
+    isoformat(), which drops a zero fraction."""
+    from proxy_common.kube import micro_time
+
+    whole = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
+    assert micro_time(whole).isoformat() == "2026-06-01T12:00:00.000001+00:00"
+    exact = whole.replace(microsecond=250_000)
+    assert micro_time(exact) is exact
