@@ -267,3 +267,28 @@ def test_an_agent_without_api_access_is_a_clear_startup_error(pki: DemoPki, monk
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ConfigError, match="in-cluster configuration"):
         ProxyAgent(agent_config(pki, 1, count_server_leases=True, kubeconfig=""))
+
+
+async def test_the_server_binary_publishes_with_the_reference_flags_and_deletes_on_sigterm(
+    pki: DemoPki, fake: FakeKube, kubeconfig: str, short_tmp: Path
+) -> None:
+    from tests.processes import child
+
+    args = [
+        f"--uds-name={short_tmp / 'konnectivity-server.socket'}", "--server-port=0",
+        f"--cluster-cert={pki.server_cert}", f"--cluster-key={pki.server_key}",
+        "--agent-port=0", "--admin-port=0", "--health-port=0", "--agent-bind-address=127.0.0.1",
+        "--health-bind-address=127.0.0.1", "--server-id=cp-1", f"--kubeconfig={kubeconfig}",
+        "--enable-lease-controller", "--lease-namespace=konnectivity", "--lease-label=k8s-app=konnectivity-server,tier=cp",
+    ]
+    name = "konnectivity-proxy-server-cp-1"
+    async with child("proxy_server", *args, name="server") as server:
+        await wait_for(lambda: fake.lease("konnectivity", name) is not None, what="the Lease", timeout=20)
+        lease = fake.lease("konnectivity", name)
+        assert lease is not None
+        assert lease["metadata"]["labels"] == {"k8s-app": "konnectivity-server", "tier": "cp"}
+        assert lease["spec"]["holderIdentity"] == "cp-1" and lease["spec"]["leaseDurationSeconds"] == 30
+        server.terminate()
+        assert await server.wait_exit(timeout=10) == 0
+    assert fake.lease("konnectivity", name) is None
+    assert "server lease deleted" in server.log

@@ -126,3 +126,25 @@ def test_times_sent_to_the_api_always_carry_microseconds() -> None:
     assert micro_time(whole).isoformat() == "2026-06-01T12:00:00.000001+00:00"
     exact = whole.replace(microsecond=250_000)
     assert micro_time(exact) is exact
+
+
+def test_agent_lease_flags_reach_the_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from proxy_agent import cli
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    config, _ = cli.parse([f"--ca-cert={ca}", "--count-server-leases", "--lease-namespace=konnectivity",
+                           "--lease-label=app=proxy", "--server-count-source=max", "--lease-list-interval=2s"])
+    assert (config.count_server_leases, config.lease_namespace, config.lease_label_selector,
+            config.server_count_source, config.lease_list_interval) == (True, "konnectivity", "app=proxy", "max", 2.0)
+
+
+def test_server_lease_flags_reach_the_config() -> None:
+    from proxy_server import cli
+
+    args = cli.build_parser().parse_args(["--enable-lease-controller", "--lease-namespace=konnectivity",
+                                          "--lease-label=a=1,b=2", "--server-id=cp-1"])
+    config = cli.config_from_args(args)
+    assert (config.enable_lease_controller, config.lease_namespace, config.lease_labels()) == (
+        True, "konnectivity", {"a": "1", "b": "2"})
+    assert (config.lease_duration_seconds, config.lease_renew_interval, config.lease_gc_interval) == (30, 15.0, 15.0)
