@@ -17,16 +17,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from proxy_common.certs import DemoPki, make_demo_pki
 from proxy_common.client import open_tunnel
 
+T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def arun(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a driver coroutine on uvloop when installed, as the daemons do (asyncio otherwise)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def free_port() -> int:
@@ -88,7 +99,10 @@ def _python(*args: str, log: Path, env: dict[str, str] | None = None) -> subproc
 
 
 @contextlib.contextmanager
-def processes(*, server_args: tuple[str, ...] = (), agent_args: tuple[str, ...] = (), agents: int = 1) -> Iterator[Processes]:
+def processes(
+    *, server_args: tuple[str, ...] = (), agent_args: tuple[str, ...] = (), agents: int = 1,
+    agent_env: dict[str, str] | None = None,
+) -> Iterator[Processes]:
     work = Path(tempfile.mkdtemp(prefix="kbench-"))
     pki = make_demo_pki(work / "pki")
     uds = str(work / "proxy.sock")
@@ -108,12 +122,13 @@ def processes(*, server_args: tuple[str, ...] = (), agent_args: tuple[str, ...] 
             f"--ca-cert={pki.ca_cert}", f"--agent-id=bench-agent-{index}", "--sync-interval=200ms",
             f"--health-server-port={free_port()}", f"--admin-server-port={free_port()}",
             "--health-server-host=127.0.0.1", "-v=1", *agent_args, log=work / f"agent{index}.log",
+            env={**os.environ, **agent_env} if agent_env else None,
         )
         for index in range(agents)
     ]
     running = Processes(work, pki, uds, endpoint_port, server, agent_procs[0], endpoint, agent_procs[1:])
     try:
-        asyncio.run(wait_ready(running, http_connect="--mode=http-connect" in server_args))
+        arun(wait_ready(running, http_connect="--mode=http-connect" in server_args))
         yield running
     finally:
         for proc in (server, *agent_procs, endpoint):

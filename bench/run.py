@@ -22,6 +22,7 @@ from bench.common import (
     MiB,
     Processes,
     RssSampler,
+    arun,
     cpu_seconds,
     machine,
     processes,
@@ -255,13 +256,19 @@ def run(quick: bool) -> dict[str, Any]:
     held = 500 if quick else 5000
     results: dict[str, Any] = {"machine": machine(), "bytes_per_transfer": size, "dials": dials}
     with processes() as running:
-        results["direct_tcp"] = asyncio.run(_direct(running, size, dials))
-        results["grpc"] = asyncio.run(_tunnelled(running, open_grpc, size, dials))
+        results["direct_tcp"] = arun(_direct(running, size, dials))
+        results["grpc"] = arun(_tunnelled(running, open_grpc, size, dials))
         with RssSampler(running.pids()):
-            results["grpc"]["held_tunnels"] = asyncio.run(hold_tunnels(running, held))
+            results["grpc"]["held_tunnels"] = arun(hold_tunnels(running, held))
+    # What a stock Go agent sends: 4 KiB DATA packets on the shared stream (no flow control).
+    with processes(agent_args=("--read-chunk-bytes=4096", "--flow-control=false"),
+                   agent_env={"KONNECTIVITY_PY_COALESCE_BYTES": "0"}) as running:
+        results["grpc_4k_packets"] = arun(_small_packets(running, size))
+        with RssSampler(running.pids()):
+            results["grpc"]["held_tunnels_plain"] = arun(hold_tunnels(running, held))
     try:
         with processes(server_args=("--mode=http-connect",)) as running:
-            results["http_connect"] = asyncio.run(_tunnelled(running, open_http_connect, size, dials, check=False))
+            results["http_connect"] = arun(_tunnelled(running, open_http_connect, size, dials, check=False))
     except Exception as exc:  # the HTTP-CONNECT frontend may be absent in older builds
         results["http_connect"] = {"error": str(exc)}
     return results
@@ -271,6 +278,18 @@ async def _direct(running: Processes, size: int, dials: int) -> dict[str, Any]:
     figures = await throughput_suite(running, open_direct, size)
     figures["echo"] = await latency_suite(running, open_direct, dials)
     return figures
+
+
+async def _small_packets(running: Processes, size: int) -> dict[str, Any]:
+    await download(open_grpc, running, 16 * MiB)  # warm-up
+    with CpuMeter(running) as cpu:
+        rate = statistics.median([await download(open_grpc, running, size) for _ in range(3)])
+    moved_gib = 3 * size / GiB
+    return {
+        "download_mib_s": round(rate, 1),
+        "cpu_s_per_gib_download": {k: round(v / moved_gib, 2) for k, v in cpu.used.items()},
+        "server_us_per_packet": round(cpu.used["server"] / (3 * size / 4096) * 1e6, 2),
+    }
 
 
 async def _tunnelled(running: Processes, opener: Callable[[Processes], Awaitable[Conn]], size: int, dials: int, check: bool = True) -> dict[str, Any]:
@@ -308,9 +327,16 @@ def report(results: dict[str, Any]) -> str:
     row("agent CPU s/GiB up", lambda f: f["cpu_s_per_gib_upload"]["agent"])
     row("server CPU s/1k dials", lambda f: f["echo"]["cpu_s_per_1000_dials"]["server"])
     row("agent CPU s/1k dials", lambda f: f["echo"]["cpu_s_per_1000_dials"]["agent"])
+    small = results["grpc_4k_packets"]
+    lines += ["", f"agent sending 4 KiB packets (as the Go agent does), plain protocol: download "
+                  f"{small['download_mib_s']} MiB/s, server {small['cpu_s_per_gib_download']['server']} CPU s/GiB "
+                  f"({small['server_us_per_packet']} us per packet), agent {small['cpu_s_per_gib_download']['agent']} CPU s/GiB"]
     held = results["grpc"]["held_tunnels"]
     lines += ["", f"held tunnels: {held['succeeded']}/{held['requested']} open at {held['opens_per_second']}/s, "
                   f"server RSS {held['server_rss_mib']} MiB, agent RSS {held['agent_rss_mib']} MiB"]
+    plain = results["grpc"]["held_tunnels_plain"]
+    lines += [f"held tunnels, plain protocol (no per-connection streams): {plain['succeeded']}/{plain['requested']} "
+              f"at {plain['opens_per_second']}/s, server RSS {plain['server_rss_mib']} MiB, agent RSS {plain['agent_rss_mib']} MiB"]
     grpc = results["grpc"]
     lines.append(f"ratios vs direct TCP: gRPC download {grpc['download_mib_s'] / direct['download_mib_s']:.3f}, "
                  f"upload {grpc['upload_mib_s'] / direct['upload_mib_s']:.3f}")

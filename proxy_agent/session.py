@@ -31,7 +31,7 @@ from proxy_common.errors import DialError, MalformedPacket, TunnelBroken, Tunnel
 from proxy_common.mailbox import Mailbox, MailboxClosed
 from proxy_common.messages import Data, Drain, Message, packet_type_name
 from proxy_common.metrics import go_code_name
-from proxy_common.streams import PacketStream
+from proxy_common.streams import PacketStream, next_outgoing
 from proxy_common.tasks import race
 
 log = logging.getLogger("proxy_agent.session")
@@ -129,7 +129,7 @@ class Session:
                 await self._carry_out(action)
 
     async def _write_loop(self) -> None:
-        while (message := await self.outbox.get()) is not None:
+        while (message := await next_outgoing(self.outbox)) is not None:
             try:
                 await self.stream.send(message)
             except TunnelBroken as exc:

@@ -108,6 +108,10 @@ class Mailbox(Generic[T]):
     def get_nowait(self) -> T | None:
         return self._take() if self._items else None
 
+    def get_nowait_if(self, wanted: Callable[[T], bool]) -> T | None:
+        """The next item if there is one and `wanted(item)`; otherwise None and nothing taken."""
+        return self._take() if self._items and wanted(self._items[0]) else None
+
     def close(self) -> None:
         """No more items will be accepted; the consumer drains what is queued, then gets None."""
         self._closed = True

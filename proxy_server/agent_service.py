@@ -20,7 +20,7 @@ import grpc.aio
 
 from proxy_common import identifiers, metadata
 from proxy_common.errors import AuthError, MalformedPacket, TunnelClosed
-from proxy_common.streams import ServerStream
+from proxy_common.streams import ServerStream, next_outgoing
 from proxy_common.tasks import first_error, race
 from proxy_server.switchboard import Link, Switchboard
 
@@ -117,7 +117,7 @@ class AgentServicer:
             await self.board.from_agent(backend_id, message, service_method="Connect")
 
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
-        while (message := await link.mailbox.get()) is not None:
+        while (message := await next_outgoing(link.mailbox)) is not None:
             try:
                 await stream.send(message)
             except grpc.aio.BaseError:  # the agent went away while we wrote: nothing left to write to

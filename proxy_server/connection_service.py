@@ -21,7 +21,7 @@ import grpc.aio
 from proxy_common import metadata
 from proxy_common.errors import MalformedPacket, TunnelClosed
 from proxy_common.messages import DialResponse
-from proxy_common.streams import ServerStream
+from proxy_common.streams import ServerStream, next_outgoing
 from proxy_common.tasks import first_error, race
 from proxy_server.switchboard import Link, Switchboard
 
@@ -77,7 +77,7 @@ class ConnectionServicer:
             await self.board.from_agent(backend_id, message, own_stream=True)
 
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
-        while (message := await link.mailbox.get()) is not None:
+        while (message := await next_outgoing(link.mailbox)) is not None:
             try:
                 await stream.send(message)
             except grpc.aio.BaseError:  # the agent went away while we wrote: nothing left to write to

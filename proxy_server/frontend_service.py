@@ -17,7 +17,7 @@ import grpc
 import grpc.aio
 
 from proxy_common.errors import MalformedPacket, TunnelClosed
-from proxy_common.streams import ServerStream
+from proxy_common.streams import ServerStream, next_outgoing
 from proxy_common.tasks import first_error, race
 from proxy_server.switchboard import Link, Switchboard
 
@@ -62,7 +62,7 @@ class ProxyServicer:
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
         metrics = self.board.metrics
         observe = metrics.frontend_write_duration.observe
-        while (message := await link.mailbox.get()) is not None:
+        while (message := await next_outgoing(link.mailbox)) is not None:
             started = time.perf_counter()
             try:
                 await stream.send(message)

@@ -153,3 +153,42 @@ async def test_race_when_the_inline_side_swallows_our_cancellation() -> None:
     await race(quick(), stubborn())
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
     await asyncio.sleep(0)  # and no cancellation is left pending for this task
+
+
+# ----------------------------------------------------------- coalescing writes
+async def test_queued_data_for_one_connection_goes_out_as_one_packet_in_order() -> None:
+    from proxy_common.messages import CloseResponse, Data, DialResponse, Message
+    from proxy_common.streams import COALESCE_BYTES, next_outgoing
+
+    box: Mailbox[Message] = Mailbox(1 << 30, lambda m: len(m.data) if type(m) is Data else 0)
+    big = bytes(COALESCE_BYTES // 2 + 1)
+    for item in (
+        DialResponse(dial_id=1, conn_id=7),
+        Data(7, b"a"), Data(7, b"b"), Data(7, b"c"),
+        Data(8, b"other"),  # another connection breaks the run
+        Data(7, b"d"), Data(7, b"", error="read failed"),  # an error is never merged
+        Data(7, big), Data(7, big), Data(7, big),  # the size cap splits a run
+        CloseResponse(7),
+    ):
+        box.force(item)
+    box.close()
+    sent = []
+    while (message := await next_outgoing(box)) is not None:
+        sent.append(message)
+    assert sent == [
+        DialResponse(dial_id=1, conn_id=7),
+        Data(7, b"abc"), Data(8, b"other"), Data(7, b"d"), Data(7, b"", error="read failed"),
+        Data(7, big + big), Data(7, big),
+        CloseResponse(7),
+    ]
+    assert box.buffered_bytes == 0
+
+
+async def test_a_small_packet_waits_a_few_loop_turns_for_its_followers() -> None:
+    from proxy_common.messages import Data, Message
+    from proxy_common.streams import next_outgoing
+
+    box: Mailbox[Message] = Mailbox(1 << 20, lambda m: len(m.data) if type(m) is Data else 0)
+    box.force(Data(1, b"first "))
+    asyncio.get_running_loop().call_soon(box.force, Data(1, b"second"))  # the reader's next packet
+    assert await next_outgoing(box) == Data(1, b"first second")
