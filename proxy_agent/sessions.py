@@ -79,8 +79,13 @@ class Backoff:
         return self.base * (1 + 0.1 * self._rng.random())
 
     def failure(self) -> float:
-        delay = min(self.cap, self.base * 1.5**self.failures)
+        delay = self.nth(self.failures)
         self.failures += 1
+        return delay
+
+    def nth(self, failures: int) -> float:
+        """The wait after `failures` earlier failures in a row (with jitter, capped)."""
+        delay = min(self.cap, self.base * 1.5**failures)
         return min(self.cap, delay * (1 + 0.1 * self._rng.random()))
 
 
@@ -195,10 +200,15 @@ class ClientSet:
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.last_server_count = 1
+        self._backoff = Backoff(config.sync_interval, config.sync_interval_cap, rng)
         self.draining = False
         self.lease_counter = lease_counter
         self.attempts = 0  # connection attempts so far (debug view, tests)
         self.duplicate_streak = 0
+        # Streams that ended soon after connecting, in a row: the next connection waits the
+        # back-off of that many failures, so a server that accepts and drops is not a tight loop.
+        self.flaps = 0
+        self._not_before = 0.0
         self._rng = rng or random.Random()
         self._connectors = [ServerConnector(config, host, port) for host, port in config.server_targets()]
         self._connector_servers: dict[int, str] = {}  # connector index -> server ID it reached last
@@ -224,14 +234,16 @@ class ClientSet:
 
     async def run(self) -> None:
         """The sync loop: run until cancelled."""
-        backoff = Backoff(self.config.sync_interval, self.config.sync_interval_cap, self._rng)
+        backoff = self._backoff = Backoff(self.config.sync_interval, self.config.sync_interval_cap, self._rng)
+        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as group:
             while True:
                 delay = backoff.base
                 target = self.target_count
                 self.metrics.known_server_count.set(target)
                 if not self.draining and (self.config.sync_forever or len(self.sessions) < target):
-                    delay = await self._sync_once(group, backoff)
+                    hold = self._not_before - loop.time()
+                    delay = hold if hold > 0 else await self._sync_once(group, backoff)
                 await self._wait(delay)
 
     def drain(self) -> None:
@@ -306,6 +318,8 @@ class ClientSet:
         return backoff.success()
 
     async def _serve(self, session: Session, connected: Connected) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             await race(
                 session.run(),
@@ -315,6 +329,19 @@ class ClientSet:
         finally:
             self.sessions.pop(session.server_id, None)
             self.metrics.open_server_connections.set(len(self.sessions))
+            lived = loop.time() - started
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                pass  # the agent is stopping: not the server's doing
+            elif lived < self.config.sync_interval_cap:
+                wait = self._backoff.nth(self.flaps)
+                self.flaps += 1
+                self._not_before = loop.time() + wait
+                log.log(logging.WARNING if self.flaps > 1 else logging.INFO,
+                        "server stream ended %.2fs after connecting (%d in a row) server_id=%s; "
+                        "next connection in %.1fs", lived, self.flaps, session.server_id, wait)
+            else:
+                self.flaps = 0
             await connected.channel.close()
             log.info("disconnected from proxy server server_id=%s", session.server_id)
 

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
 from proxy_agent.sessions import Backoff
@@ -284,35 +286,68 @@ async def refuse(_md: object) -> None:
     raise AuthError("Failed to validate authentication token")
 
 
-@pytest.mark.parametrize("case", ["servercount_unreachable", "auth_refused"])
+class AcceptThenDrop:
+    """A Connect server that answers with good headers, then ends every stream a moment later
+    (a server that crashes or retires streams at once): each stream counts as connected."""
+
+    def __init__(self, pki: DemoPki) -> None:
+        self.streams = 0
+        self.server = grpc.aio.server()
+        method = grpc.stream_stream_rpc_method_handler(self._connect)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("AgentService", {"Connect": method}),))
+        creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())])
+        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+
+    async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.streams += 1
+        await context.send_initial_metadata((("serverid", "flappy"), ("servercount", "1")))
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("case", ["servercount_unreachable", "auth_refused", "accepts_then_drops"])
 async def test_a_server_that_keeps_refusing_gets_at_most_the_backoff_schedule(
     case: str, cluster: Cluster, pki: DemoPki, short_tmp: Path
 ) -> None:
-    if case == "servercount_unreachable":
+    flappy: AcceptThenDrop | None = None
+    if case == "accepts_then_drops":
+        flappy = AcceptThenDrop(pki)
+        await flappy.server.start()
+        port = flappy.port
+    elif case == "servercount_unreachable":
         # One server claims three: every later attempt lands on a server already held.
-        server = await cluster.start_server("s1", server_count=3)
+        port = (await cluster.start_server("s1", server_count=3)).agent_port
     else:
         directory = short_tmp / "refusing"
         directory.mkdir()
         server = ProxyServer(server_config(pki, directory, server_id="s1"), authenticate=refuse)
-        await server.start()
         cluster.servers["s1"] = server
-    base, cap = 0.05, 0.2
-    lb = await cluster.start_balancer([server.agent_port])
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    cluster.add_agent("a1", lb.port, sync_interval=base, sync_interval_cap=cap)
-    await wait_for(lambda: lb.accepted >= 10, what="ten attempts", timeout=20)
-    elapsed = loop.time() - started
-    count = lb.accepted
-    # The first attempt against the lone server succeeds; only the refusals after it back off.
-    allowed = attempts_allowed(elapsed, base, cap, successes=1 if case == "servercount_unreachable" else 0)
-    # The Go agent would have made elapsed/base attempts; the back-off permits far fewer.
-    assert count <= allowed, f"{count} attempts in {elapsed:.2f}s; the back-off allows {allowed}"
-    clients = cluster.agents["a1"].agent.clients
-    assert len(clients.sessions) == (1 if case == "servercount_unreachable" else 0)
-    if case == "servercount_unreachable":
-        assert clients.duplicate_streak >= 5  # and the likely cause was logged as a warning
+        await server.start()
+        port = server.agent_port
+    try:
+        base, cap = 0.05, 0.2
+        lb = await cluster.start_balancer([port])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        cluster.add_agent("a1", lb.port, sync_interval=base, sync_interval_cap=cap)
+        await wait_for(lambda: lb.accepted >= 10, what="ten attempts", timeout=20)
+        elapsed = loop.time() - started
+        count = lb.accepted
+        # The first attempt against the lone server succeeds; only the refusals after it back off.
+        allowed = attempts_allowed(elapsed, base, cap, successes=1 if case == "servercount_unreachable" else 0)
+        # The Go agent would have made elapsed/base attempts; the back-off permits far fewer.
+        assert count <= allowed, f"{count} attempts in {elapsed:.2f}s; the back-off allows {allowed}"
+        clients = cluster.agents["a1"].agent.clients
+        if case == "servercount_unreachable":
+            assert len(clients.sessions) == 1
+            assert clients.duplicate_streak >= 5  # and the likely cause was logged as a warning
+        elif case == "accepts_then_drops":
+            assert flappy is not None and flappy.streams >= 5 and clients.flaps >= 5
+        else:
+            assert not clients.sessions
+    finally:
+        await cluster.agents["a1"].stop()
+        if flappy is not None:
+            await flappy.server.stop(0)
 
 
 async def test_the_backoff_schedule_bound_is_tight() -> None:
