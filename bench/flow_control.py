@@ -12,11 +12,12 @@ bench/results/flow_control.json. Run: python -m bench.flow_control
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import time
 
-from bench.common import MiB, Processes, RssSampler, machine, processes, write_results
+from bench.common import MiB, Processes, RssSampler, arun, machine, processes, write_results
 from proxy_common.client import Tunnel, open_tunnel
 
 ACTIVE = 8
@@ -77,11 +78,14 @@ async def measure(running: Processes, rounds: int = 3) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating without/with rounds per mode (default 3)")
+    options = parser.parse_args()
     results: dict[str, object] = {"machine": machine(), "active_connections": ACTIVE,
                                   "bytes_per_connection": PER_CONNECTION, "stalled_offer_bytes": STALLED_OFFER}
     for mode, agent_args in (("flow", ("--flow-control=true",)), ("plain", ("--flow-control=false",))):
         with processes(agent_args=agent_args, server_args=("--overflow-wait=5s",)) as running:
-            figures = asyncio.run(measure(running))
+            figures = arun(measure(running, max(1, min(options.rounds, 10))))
         results[mode] = figures
         print(f"{mode:5}: 8 active {figures['aggregate_mib_s_without_stalled']:7.1f} MiB/s without, "
               f"{figures['aggregate_mib_s_with_stalled']:7.1f} MiB/s with a stalled neighbour "
