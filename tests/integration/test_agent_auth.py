@@ -362,9 +362,10 @@ async def test_kubeconfig_qps_and_burst_pace_the_tokenreviews(pki: DemoPki, shor
     assert fake.review_count == 5
     assert all(a.code is grpc.StatusCode.UNKNOWN for a in answers)
     arrivals = sorted(r.at for r in fake.token_reviews)
-    # Two at once (the burst), then one every 200 ms: the last is sent 600 ms after the first
-    # (arrivals can bunch by a connection set-up, far less than the 150 ms of slack allowed).
-    assert arrivals[-1] - arrivals[0] >= 0.45, arrivals
+    # Two at once (the burst), then one every 200 ms: the last is sent 600 ms after the first.
+    # Unpaced, all five arrive within a few ms; the slack allows a loaded CI machine to
+    # bunch arrivals at the stand-in by up to 300 ms.
+    assert arrivals[-1] - arrivals[0] >= 0.3, arrivals
     print(f"5 TokenReviews at 5 qps / burst 2 arrived over {arrivals[-1] - arrivals[0]:.3f}s")
 
 
