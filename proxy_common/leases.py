@@ -135,4 +135,4 @@ def renew_delay(interval: float, jitter_draw: float) -> float:
 
 def create_retry_delay(failures: int, base: float, cap: float = CREATE_RETRY_CAP_SECONDS) -> float:
     """Exponential retry while the Lease cannot be written: base, x2 per failure, capped."""
-    return min(cap, base * 2 ** max(0, failures - 1))
+    return min(cap, base * 2.0 ** max(0, failures - 1))
