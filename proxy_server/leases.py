@@ -211,7 +211,7 @@ class LeaseController:
         return True
 
     def _observe_list(self, code: int, reason: str, seconds: float) -> None:
-        if code:  # as the reference: only answers from the API are counted
+        if code:  # only API answers have a status code to count; transport failures are logged
             self.metrics.lease_list_latency.labels(str(code)).observe(seconds)
             self.metrics.lease_lists.labels(str(code), reason).inc()
 
