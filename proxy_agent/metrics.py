@@ -7,65 +7,19 @@ naming under the same prefix.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    disable_created_metrics,
-)
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
-from proxy_common.messages import Message, packet_type_name
-from proxy_common.metrics import CountCollector, render
+from proxy_common.metrics import CONNECTION_BUCKETS, BinaryMetrics, ByteCounter, CountCollector
 
 PREFIX = "konnectivity_network_proxy_agent_"
 DIAL_BUCKETS = (0.005, 0.025, 0.1, 0.5, 2.5, 10, 30)
-CONNECTION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 14400, 43200, 86400)
 DIRECTIONS = ("server_to_endpoint", "endpoint_to_server")
-# Go prints whole bucket bounds without a fraction (le="10"); prometheus_client writes le="10.0".
-_WHOLE_LE = re.compile(rb'le="(\d+)\.0"')
-
-# The reference exposes no `_created` series.
-disable_created_metrics()
 
 
-class ByteCounter(Collector):
-    """Payload bytes per direction: closed connections' totals plus the live ones' counters,
-    read at scrape time so the hot path only adds to a plain integer per connection."""
-
-    def __init__(self, name: str, documentation: str, directions: tuple[str, ...]) -> None:
-        self.name, self.documentation = name, documentation
-        self.closed = dict.fromkeys(directions, 0)
-        self.live: Callable[[], Iterable[tuple[str, int]]] = tuple
-
-    def add_closed(self, direction: str, count: int) -> None:
-        self.closed[direction] += count
-
-    def totals(self) -> dict[str, int]:
-        totals = dict(self.closed)
-        for direction, count in self.live():
-            totals[direction] += count
-        return totals
-
-    def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=["direction"])
-        for direction, count in self.totals().items():
-            family.add_metric([direction], count)
-        yield family
-
-
-class AgentMetrics:
+class AgentMetrics(BinaryMetrics):
     def __init__(self) -> None:
-        self.registry = reg = CollectorRegistry(auto_describe=True)
+        super().__init__(PREFIX)
+        reg = self.registry
         self.dial_duration = Histogram(
             PREFIX + "dial_duration_seconds", "Latency of dial to the remote endpoint in seconds",
             buckets=DIAL_BUCKETS, registry=reg,
@@ -74,12 +28,11 @@ class AgentMetrics:
             PREFIX + "endpoint_dial_failure_total", "Number of failed dials to the remote endpoint, by reason.",
             ["reason"], registry=reg,
         )
-        self.server_connection_failures = CountCollector(
+        self.server_connection_failures = self._add_count(CountCollector(
             PREFIX + "server_connection_failure_count",
             "Count of failures to send to or receive from the proxy server, labeled by direction. DEPRECATED, please use stream_errors_total",
             ["direction"],
-        )
-        reg.register(self.server_connection_failures)
+        ))
         self.open_server_connections = Gauge(
             PREFIX + "open_server_connections", "Current number of open server connections.", registry=reg
         )
@@ -89,20 +42,8 @@ class AgentMetrics:
         self.open_endpoint_connections = Gauge(
             PREFIX + "open_endpoint_connections", "Current number of open endpoint connections.", registry=reg
         )
-        self.stream_packets = Counter(
-            PREFIX + "stream_packets_total",
-            "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
-            ["segment", "packet_type"], registry=reg,
-        )
-        self.stream_errors = Counter(
-            PREFIX + "stream_errors_total",
-            "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
-            ["segment", "code", "packet_type"], registry=reg,
-        )
-        self.overflow_closes = Counter(
-            PREFIX + "overflow_closed_connections_total",
-            "Endpoint connections closed because the endpoint stopped reading past the bounded wait.",
-            registry=reg,
+        self._add_stream_families(
+            "Endpoint connections closed because the endpoint stopped reading past the bounded wait."
         )
         self._lease_families(reg)
         # Our own, where the reference is silent.
@@ -124,16 +65,8 @@ class AgentMetrics:
             PREFIX + "refused_dials_total", "Dial requests refused without dialing because the agent is draining.",
             registry=reg,
         )
-        ProcessCollector(registry=reg)
-        PlatformCollector(registry=reg)
-        GCCollector(registry=reg)
+        self._add_process_families()
         self.known_server_count.set(1)
-        self._packet_children: dict[tuple[str, type], Counter] = {}
-        self.buffered_bytes = Gauge(
-            PREFIX + "buffered_bytes",
-            "Payload bytes currently queued in this process's per-stream and per-connection buffers.",
-            registry=reg,
-        )
 
     def _lease_families(self, reg: CollectorRegistry) -> None:
         """Lease counting's families (labelled: they appear with their first sample)."""
@@ -150,10 +83,6 @@ class AgentMetrics:
             ["http_response_code"], buckets=DIAL_BUCKETS, registry=reg,
         )
 
-    def render(self) -> bytes:
-        text = render(self.registry, (self.server_connection_failures.name,))
-        return _WHOLE_LE.sub(rb'le="\1"', text)
-
     def endpoint_closed(self, seconds: float, reason: str, bytes_to_endpoint: int, bytes_from_endpoint: int) -> None:
         """An endpoint connection ended: lifetime, reason, and its bytes join the closed totals."""
         self.endpoint_connection_duration.observe(seconds)
@@ -168,11 +97,3 @@ class AgentMetrics:
         reference counts both. `code` is Go's spelling (`Unavailable`)."""
         self.stream_errors.labels(segment, code, packet_type).inc()
         self.server_connection_failures.inc("to_server" if segment == "from_agent" else "from_server")
-
-    def packet(self, segment: str, message: Message) -> None:
-        key = (segment, type(message))
-        child = self._packet_children.get(key)
-        if child is None:
-            child = self.stream_packets.labels(segment, packet_type_name(message))
-            self._packet_children[key] = child
-        child.inc()

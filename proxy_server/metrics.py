@@ -6,66 +6,20 @@ and alerts keep working; families the reference lacks follow Prometheus naming.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    disable_created_metrics,
-)
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy_common.errors import DialFailure
 from proxy_common.messages import Message, packet_type_name
-from proxy_common.metrics import CountCollector, render
+from proxy_common.metrics import CONNECTION_BUCKETS, BinaryMetrics, ByteCounter, CountCollector
 
 PREFIX = "konnectivity_network_proxy_server_"
 DIAL_BUCKETS = (1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5)
-CONNECTION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 14400, 43200, 86400)
 DIRECTIONS = ("client_to_agent", "agent_to_client")
-# Go prints whole bucket bounds without a fraction (le="1"); prometheus_client writes le="1.0".
-_WHOLE_LE = re.compile(rb'le="(\d+)\.0"')
-
-# The reference exposes no `_created` series; they would double the series count.
-disable_created_metrics()
 
 
-class ByteCounter(Collector):
-    """Payload bytes per direction: closed connections' totals plus the live ones' counters,
-    read at scrape time so the hot path only adds to a plain integer per connection."""
-
-    def __init__(self, name: str, documentation: str, directions: tuple[str, ...]) -> None:
-        self.name, self.documentation = name, documentation
-        self.closed = dict.fromkeys(directions, 0)
-        self.live: Callable[[], Iterable[tuple[str, int]]] = tuple
-
-    def add_closed(self, direction: str, count: int) -> None:
-        self.closed[direction] += count
-
-    def totals(self) -> dict[str, int]:
-        totals = dict(self.closed)
-        for direction, count in self.live():
-            totals[direction] += count
-        return totals
-
-    def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=["direction"])
-        for direction, count in self.totals().items():
-            family.add_metric([direction], count)
-        yield family
-
-
-class ServerMetrics:
+class ServerMetrics(BinaryMetrics):
     def __init__(self, strategies: tuple[str, ...] = ("default",)) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__(PREFIX)
         reg = self.registry
         self.dial_duration = Histogram(
             PREFIX + "dial_duration_seconds",
@@ -113,32 +67,16 @@ class ServerMetrics:
             "Number of current connections blocked by a full receive channel, partitioned by service method.",
             ["service_method"], registry=reg,
         )
-        self.dial_failures = CountCollector(
+        self.dial_failures = self._add_count(CountCollector(
             PREFIX + "dial_failure_count",
             "Number of dial failures observed. Multiple failures can occur for a single dial request.",
             ["reason"],
-        )
-        self.culled_leases = CountCollector(
+        ))
+        self.culled_leases = self._add_count(CountCollector(
             PREFIX + "culled_leases_count",
             "Count of expired leases that the lease garbage collection controller has culled.",
-        )
-        reg.register(self.dial_failures)
-        reg.register(self.culled_leases)
-        self.stream_packets = Counter(
-            PREFIX + "stream_packets_total",
-            "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
-            ["segment", "packet_type"], registry=reg,
-        )
-        self.stream_errors = Counter(
-            PREFIX + "stream_errors_total",
-            "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
-            ["segment", "code", "packet_type"], registry=reg,
-        )
-        self.overflow_closes = Counter(
-            PREFIX + "overflow_closed_connections_total",
-            "Connections closed because their reader stayed behind past the bounded wait.",
-            registry=reg,
-        )
+        ))
+        self._add_stream_families("Connections closed because their reader stayed behind past the bounded wait.")
         self._lease_families(reg)
         # Our own, where the reference is silent.
         self.data_bytes = ByteCounter(
@@ -152,18 +90,10 @@ class ServerMetrics:
             "Established connections removed, by reason (agent_closed, frontend_lost, agent_lost, overflow, mismatched).",
             ["reason"], registry=reg,
         )
-        ProcessCollector(registry=reg)
-        PlatformCollector(registry=reg)
-        GCCollector(registry=reg)
+        self._add_process_families()
         self.ready_backend_connections.set(0)
         for name in strategies:
             self.ready_backends.labels(name).set(0)
-        self._packet_children: dict[tuple[str, type], Counter] = {}
-        self.buffered_bytes = Gauge(
-            PREFIX + "buffered_bytes",
-            "Payload bytes currently queued in this process's per-stream and per-connection buffers.",
-            registry=reg,
-        )
 
     def _lease_families(self, reg: CollectorRegistry) -> None:
         """The lease garbage collector's families (labelled: they appear with their first sample)."""
@@ -187,18 +117,6 @@ class ServerMetrics:
             "Count of lease list calls by the garbage collection controller, by HTTP status code and reason.",
             ["http_status_code", "reason"], registry=reg,
         )
-
-    def render(self) -> bytes:
-        text = render(self.registry, (self.dial_failures.name, self.culled_leases.name))
-        return _WHOLE_LE.sub(rb'le="\1"', text)
-
-    def packet(self, segment: str, message: Message) -> None:
-        key = (segment, type(message))
-        child = self._packet_children.get(key)
-        if child is None:
-            child = self.stream_packets.labels(segment, packet_type_name(message))
-            self._packet_children[key] = child
-        child.inc()
 
     def stream_error(self, segment: str, code: str, packet_type: str = "Unknown") -> None:
         self.stream_errors.labels(segment, code, packet_type).inc()
