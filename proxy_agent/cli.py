@@ -12,10 +12,6 @@ from collections.abc import Sequence
 
 from proxy_agent.config import AgentConfig, default_agent_id
 from proxy_common import flags, logs, tasks
-from proxy_common.errors import ConfigError
-
-NOT_YET = ("--enable-profiling", "--enable-contention-profiling")
-DEPRECATED = ("--warn-on-channel-limit",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--drain-grace", type=flags.duration, default=d.drain_grace,
                      help="after the first SIGTERM, how long open connections may finish before the agent exits "
                      "(default 25s: done before the kubelet's default 30s termination grace; 0 = until a second signal)")
-    flags.add_bool(ops, "--enable-profiling", d.enable_profiling, "accepted for compatibility")
-    flags.add_bool(ops, "--enable-contention-profiling", d.enable_contention_profiling, "accepted for compatibility")
-    flags.add_verbosity(p)
-    flags.add_accepted(p, flags.KLOG_FLAGS + DEPRECATED, "accepted for compatibility (klog and deprecated flags)")
+    flags.add_compatibility(p, ops, profiling=d.enable_profiling, contention_profiling=d.enable_contention_profiling)
     return p
 
 
@@ -105,27 +98,12 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[AgentConfig, argparse.Namespace]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-        config.validate()
-    except ConfigError as exc:
-        parser.error("\n  ".join(["invalid configuration:", *exc.problems]))
-    return config, args
+    return flags.parse_config(build_parser(), argv, config_from_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse(argv)
-    logs.configure_from_flags(args)
-    log = logging.getLogger("proxy_agent")
-    ignored = [name for name in flags.accepted_but_ignored(args, flags.KLOG_FLAGS + DEPRECATED)
-               if name not in logs.HONOURED_KLOG_FLAGS]
-    ignored += [name for name in NOT_YET if getattr(args, name[2:].replace("-", "_"))]
-    if config.alpn_proto:
-        ignored.append("--alpn-proto")
-    if ignored:
-        log.info("flags accepted for compatibility, without effect here flags=%s", ",".join(ignored))
+    logs.start_from_flags(args, logging.getLogger("proxy_agent"), ["--alpn-proto"] if config.alpn_proto else [])
     from proxy_agent import app
 
     return tasks.run(app.serve(config))

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from proxy_common.errors import ConfigError
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -33,6 +37,10 @@ KLOG_FLAGS = (
     "--log-backtrace-at",
     "--log-flush-frequency",
 )
+# Reference flags both binaries accept so manifests start: deprecated ones, and the
+# profiling switches, whose behaviour is not built here.
+DEPRECATED_FLAGS = ("--warn-on-channel-limit",)
+PROFILING_FLAGS = ("--enable-profiling", "--enable-contention-profiling")
 
 
 def duration(text: str) -> float:
@@ -72,7 +80,7 @@ def port(text: str) -> int:
     return value
 
 
-def add_bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+def add_bool(parser: argparse._ActionsContainer, name: str, default: bool, help: str) -> None:
     """A pflag-style boolean: `--name`, `--name=true`, `--name=false`."""
     parser.add_argument(name, type=boolean, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
@@ -89,6 +97,37 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
         "-v", "--v", dest="verbosity", type=int, default=4, metavar="N",
         help="log verbosity as klog counts it: 0-1 warnings, 2-4 lifecycle, 5+ per-packet (default 4)",
     )
+
+
+def add_compatibility(
+    parser: argparse.ArgumentParser, group: argparse._ActionsContainer, *, profiling: bool, contention_profiling: bool
+) -> None:
+    """The flags both command lines end with: the profiling switches (in `group`), `-v`,
+    and klog's and the deprecated flags, accepted for compatibility."""
+    add_bool(group, "--enable-profiling", profiling, "accepted for compatibility")
+    add_bool(group, "--enable-contention-profiling", contention_profiling, "accepted for compatibility")
+    add_verbosity(parser)
+    add_accepted(parser, KLOG_FLAGS + DEPRECATED_FLAGS, "accepted for compatibility (klog and deprecated flags)")
+
+
+class _Validated(Protocol):
+    def validate(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Validated)
+
+
+def parse_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, make: Callable[[argparse.Namespace], C]
+) -> tuple[C, argparse.Namespace]:
+    """Parse and validate; exits 2 with every problem listed when the flags are unusable."""
+    args = parser.parse_args(argv)
+    try:
+        config = make(args)
+        config.validate()
+    except ConfigError as exc:
+        parser.error("\n  ".join(["invalid configuration:", *exc.problems]))
+    return config, args
 
 
 def accepted_but_ignored(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterable
 
 from proxy_common import flags
 
@@ -85,3 +86,15 @@ def configure_from_flags(args: argparse.Namespace) -> None:
     else:
         configure(args.verbosity, log_file=log_file,
                   stderr_level=logging.NOTSET if not given("alsologtostderr", False) else logging.DEBUG)
+
+
+def start_from_flags(args: argparse.Namespace, log: logging.Logger, also_ignored: Iterable[str] = ()) -> None:
+    """Configure logging from either command line's flags, then say once which of the flags
+    accepted for compatibility were given without effect here (plus `also_ignored`)."""
+    configure_from_flags(args)
+    ignored = [name for name in flags.accepted_but_ignored(args, flags.KLOG_FLAGS + flags.DEPRECATED_FLAGS)
+               if name not in HONOURED_KLOG_FLAGS]
+    ignored += [name for name in flags.PROFILING_FLAGS if getattr(args, name[2:].replace("-", "_"))]
+    ignored += also_ignored
+    if ignored:
+        log.info("flags accepted for compatibility, without effect here flags=%s", ",".join(ignored))

@@ -12,12 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy_common import flags, logs, tasks
-from proxy_common.errors import ConfigError
 from proxy_server.config import ServerConfig, default_server_id
-
-# Reference flags accepted so manifests start, whose behaviour is not built yet.
-NOT_YET = ("--enable-profiling", "--enable-contention-profiling")
-DEPRECATED = ("--warn-on-channel-limit",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--admin-bind-address", default=d.admin_bind_address, help="admin bind address")
     ops.add_argument("--graceful-shutdown-timeout", type=flags.duration, default=d.graceful_shutdown_timeout,
                      help="time open streams get to finish on SIGTERM; 0 = close at once")
-    flags.add_bool(ops, "--enable-profiling", d.enable_profiling, "accepted for compatibility")
-    flags.add_bool(ops, "--enable-contention-profiling", d.enable_contention_profiling, "accepted for compatibility")
-    flags.add_verbosity(p)
-    flags.add_accepted(p, flags.KLOG_FLAGS + DEPRECATED, "accepted for compatibility (klog and deprecated flags)")
+    flags.add_compatibility(p, ops, profiling=d.enable_profiling, contention_profiling=d.enable_contention_profiling)
     return p
 
 
@@ -132,14 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def parse(argv: Sequence[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     """Parse and validate; exits 2 with every problem listed when the flags are unusable."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-        config.validate()
-    except ConfigError as exc:
-        parser.error("\n  ".join(["invalid configuration:", *exc.problems]))
-    return config, args
+    return flags.parse_config(build_parser(), argv, config_from_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,13 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return certs_command.main(words[1:])
     config, args = parse(words)
-    logs.configure_from_flags(args)
-    log = logging.getLogger("proxy_server")
-    ignored = [name for name in flags.accepted_but_ignored(args, flags.KLOG_FLAGS + DEPRECATED)
-               if name not in logs.HONOURED_KLOG_FLAGS]
-    ignored += [name for name in NOT_YET if getattr(args, name[2:].replace("-", "_"))]
-    if ignored:
-        log.info("flags accepted for compatibility, without effect here flags=%s", ",".join(ignored))
+    logs.start_from_flags(args, logging.getLogger("proxy_server"))
     if config.cipher_suites:
         # grpcio reads its cipher list once, when grpc is imported: set it before that.
         os.environ["GRPC_SSL_CIPHER_SUITES"] = config.openssl_cipher_list()

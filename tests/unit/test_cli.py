@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+from pathlib import Path
 
 import pytest
 
 from proxy_agent import cli as agent_cli
 from proxy_agent.config import AgentConfig
+from proxy_common import logs
 from proxy_common.flags import duration
 from proxy_server import cli as server_cli
 from proxy_server.config import ServerConfig
@@ -108,3 +111,23 @@ def test_agent_refuses_a_negative_drain_grace(tmp_path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         agent_cli.parse([f"--ca-cert={ca}", "--drain-grace=-5s"])
     assert "--drain-grace must not be negative" in capsys.readouterr().err
+
+
+def test_flags_without_effect_are_named_once_at_start(tmp_path: Path) -> None:
+    log_file, ca = tmp_path / "agent.log", tmp_path / "ca"
+    ca.write_text("x")
+    config, args = agent_cli.parse([
+        f"--ca-cert={ca}", "--logtostderr=false", f"--log-file={log_file}", "--vmodule=x=5",
+        "--warn-on-channel-limit", "--enable-profiling", "--alpn-proto=h2",
+    ])
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        logs.start_from_flags(args, logging.getLogger("proxy_agent"), ["--alpn-proto"] if config.alpn_proto else [])
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved
+    (line,) = log_file.read_text().splitlines()  # the honoured klog flags are not named
+    assert line.endswith(" I proxy_agent: flags accepted for compatibility, without effect here "
+                         "flags=--vmodule,--warn-on-channel-limit,--enable-profiling,--alpn-proto")
