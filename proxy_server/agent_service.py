@@ -13,16 +13,18 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from proxy_common import identifiers, metadata
-from proxy_common.errors import AuthError, MalformedPacket, TunnelClosed
-from proxy_common.streams import ServerStream, next_outgoing
+from proxy_common.errors import AuthError, MalformedPacket
+from proxy_common.streams import ServerStream
 from proxy_common.tasks import first_error, race
-from proxy_server.switchboard import Link, Switchboard
+from proxy_server.stream_loops import read_into, write_to_agent
+from proxy_server.switchboard import Switchboard
 
 log = logging.getLogger("proxy_server.agents")
 
@@ -95,8 +97,8 @@ class AgentServicer:
         stream = ServerStream(context)
         try:
             await race(
-                self._read_loop(stream, backend_id),
-                self._write_loop(stream, link),
+                read_into(stream, partial(self.board.from_agent, backend_id, service_method="Connect")),
+                write_to_agent(stream, link, metrics),
                 names=(f"agent-reader {label}", f"agent-writer {label}"),
             )
         except* MalformedPacket as group:
@@ -107,22 +109,6 @@ class AgentServicer:
             self.board.close_backend(backend_id)
             metrics.grpc_connections.labels("Connect").dec()
             log.info("agent disconnected %s backend_id=%d", label, backend_id)
-
-    async def _read_loop(self, stream: ServerStream, backend_id: int) -> None:
-        while True:
-            try:
-                message = await stream.receive()
-            except TunnelClosed:
-                return
-            await self.board.from_agent(backend_id, message, service_method="Connect")
-
-    async def _write_loop(self, stream: ServerStream, link: Link) -> None:
-        while (message := await next_outgoing(link.mailbox)) is not None:
-            try:
-                await stream.send(message)
-            except grpc.aio.BaseError:  # the agent went away while we wrote: nothing left to write to
-                self.board.metrics.send_failed("to_agent", message)
-                return
 
     @staticmethod
     async def _refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, reason: str) -> None:

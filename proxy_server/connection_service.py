@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 
 import grpc
@@ -21,9 +22,10 @@ import grpc.aio
 from proxy_common import metadata
 from proxy_common.errors import MalformedPacket, TunnelClosed
 from proxy_common.messages import DialResponse
-from proxy_common.streams import ServerStream, next_outgoing
+from proxy_common.streams import ServerStream
 from proxy_common.tasks import first_error, race
-from proxy_server.switchboard import Link, Switchboard
+from proxy_server.stream_loops import read_into, write_to_agent
+from proxy_server.switchboard import Switchboard
 
 log = logging.getLogger("proxy_server.connections")
 
@@ -58,8 +60,8 @@ class ConnectionServicer:
         try:
             await self.board.from_agent(backend_id, first)
             await race(
-                self._read_loop(stream, backend_id),
-                self._write_loop(stream, link),
+                read_into(stream, partial(self.board.from_agent, backend_id, own_stream=True)),
+                write_to_agent(stream, link, self.board.metrics),
                 names=(f"conn-reader conn_id={first.conn_id}", f"conn-writer conn_id={first.conn_id}"),
             )
         except* MalformedPacket as group:
@@ -67,19 +69,3 @@ class ConnectionServicer:
             log.warning("malformed packet on connection stream conn_id=%d error=%s", first.conn_id, first_error(group))
         finally:
             self.board.close_connection_link(backend_id, first.conn_id, link)
-
-    async def _read_loop(self, stream: ServerStream, backend_id: int) -> None:
-        while True:
-            try:
-                message = await stream.receive()
-            except TunnelClosed:
-                return
-            await self.board.from_agent(backend_id, message, own_stream=True)
-
-    async def _write_loop(self, stream: ServerStream, link: Link) -> None:
-        while (message := await next_outgoing(link.mailbox)) is not None:
-            try:
-                await stream.send(message)
-            except grpc.aio.BaseError:  # the agent went away while we wrote: nothing left to write to
-                self.board.metrics.send_failed("to_agent", message)
-                return

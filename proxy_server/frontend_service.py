@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from proxy_common.errors import MalformedPacket, TunnelClosed
+from proxy_common.errors import MalformedPacket
 from proxy_common.streams import ServerStream, next_outgoing
 from proxy_common.tasks import first_error, race
+from proxy_server.stream_loops import read_into
 from proxy_server.switchboard import Link, Switchboard
 
 log = logging.getLogger("proxy_server.frontend")
@@ -39,7 +41,7 @@ class ProxyServicer:
         stream = ServerStream(context)
         try:
             await race(
-                self._read_loop(stream, frontend_id),
+                read_into(stream, partial(self.board.from_frontend, frontend_id, service_method="Proxy")),
                 self._write_loop(stream, link),
                 names=(f"frontend-reader id={frontend_id}", f"frontend-writer id={frontend_id}"),
             )
@@ -50,14 +52,6 @@ class ProxyServicer:
         finally:
             self.board.close_frontend(frontend_id)
             metrics.grpc_connections.labels("Proxy").dec()
-
-    async def _read_loop(self, stream: ServerStream, frontend_id: int) -> None:
-        while True:
-            try:
-                message = await stream.receive()
-            except TunnelClosed:
-                return
-            await self.board.from_frontend(frontend_id, message, service_method="Proxy")
 
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
         metrics = self.board.metrics
