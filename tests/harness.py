@@ -12,16 +12,23 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
+import pytest
+
 from proxy_agent.app import ProxyAgent
 from proxy_agent.config import AgentConfig
 from proxy_common.certs import DemoPki
+from proxy_common.client import TunnelDialError, open_tunnel
 from proxy_server.app import ProxyServer
 from proxy_server.config import ServerConfig
+from proxy_server.router import NO_AGENT_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,17 +92,18 @@ class Endpoint:
     port: int
     open_connections: int = 0
     accepted: int = 0
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def endpoint(handler: Handler) -> AsyncIterator[Endpoint]:
+async def endpoint(handler: Handler, host: str = "127.0.0.1") -> AsyncIterator[Endpoint]:
     ep: Endpoint | None = None
     tasks: set[asyncio.Task[Any]] = set()
 
@@ -115,8 +123,8 @@ async def endpoint(handler: Handler) -> AsyncIterator[Endpoint]:
             ep.open_connections -= 1
             tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
-    server = await asyncio.start_server(counted, "127.0.0.1", 0, limit=1 << 20)
-    ep = Endpoint(server, server.sockets[0].getsockname()[1])
+    server = await asyncio.start_server(counted, host, 0, limit=1 << 20)
+    ep = Endpoint(server, server.sockets[0].getsockname()[1], host=host)
     try:
         yield ep
     finally:
@@ -151,6 +159,21 @@ async def sink_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     digest = hashlib.sha256()
     while data := await reader.read(1 << 18):
         digest.update(data)
+    writer.write(digest.hexdigest().encode())
+    await writer.drain()
+
+
+async def sized_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads an 8-byte length, then that many bytes, and answers their sha256 hex."""
+    (size,) = struct.unpack("!Q", await reader.readexactly(8))
+    digest = hashlib.sha256()
+    remaining = size
+    while remaining:
+        data = await reader.read(min(remaining, 1 << 20))
+        if not data:
+            raise ConnectionError("short upload")
+        digest.update(data)
+        remaining -= len(data)
     writer.write(digest.hexdigest().encode())
     await writer.drain()
 
@@ -270,6 +293,29 @@ class Stack:
         for running in self.agents:
             await running.stop()
         await self.server.stop(0)
+
+
+Connect = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+
+def agent_service_server(pki: DemoPki, connect: Connect) -> tuple[grpc.aio.Server, int]:
+    """A scripted proxy-server for agent tests: a grpc.aio server (not started) whose
+    AgentService/Connect runs `connect`, on a loopback TLS port with the demo server
+    certificate. Returns the server and its port."""
+    server = grpc.aio.server()
+    method = grpc.stream_stream_rpc_method_handler(connect)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("AgentService", {"Connect": method}),))
+    creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())])
+    return server, server.add_secure_port("127.0.0.1:0", creds)
+
+
+async def assert_no_agent_gets_a_dial(stack: Stack) -> None:
+    """No agent is registered: a dial fails with the reference's error and reaches no endpoint."""
+    assert len(stack.server.registry) == 0
+    async with endpoint(echo_handler) as ep:
+        with pytest.raises(TunnelDialError, match=f"^{NO_AGENT_ERROR}$"):
+            await open_tunnel(ep.address, uds_path=stack.uds)
+        assert ep.accepted == 0
 
 
 def python_command(module: str, *args: str) -> list[str]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import re
 import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,21 +205,6 @@ async def shut(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
     except (ConnectionError, ssl.SSLError):
         pass
-
-
-async def sized_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Endpoint: reads an 8-byte length, then that many bytes, and answers their sha256 hex."""
-    (size,) = struct.unpack("!Q", await reader.readexactly(8))
-    digest = hashlib.sha256()
-    remaining = size
-    while remaining:
-        data = await reader.read(min(remaining, READ_BYTES))
-        if not data:
-            raise ConnectionError("short upload")
-        digest.update(data)
-        remaining -= len(data)
-    writer.write(digest.hexdigest().encode())
-    await writer.drain()
 
 
 class blackhole:

@@ -23,13 +23,12 @@ import grpc.aio
 import pytest
 
 from proxy_common.certs import DemoPki
-from proxy_common.client import TunnelDialError, open_tunnel
+from proxy_common.client import open_tunnel
 from proxy_common.errors import ConfigError
 from proxy_common.streams import CONNECT_METHOD
 from proxy_server.auth import MAX_TOKEN_BYTES
-from proxy_server.router import NO_AGENT_ERROR
 from tests.fakekube import API_AUDIENCE, FakeKube
-from tests.harness import Stack, echo_handler, endpoint, wait_for
+from tests.harness import Stack, assert_no_agent_gets_a_dial, echo_handler, endpoint, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -102,14 +101,6 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 def metric(stack: Stack, name: str, **labels: str) -> float:
     return stack.server.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def assert_no_agent_gets_a_dial(stack: Stack) -> None:
-    assert len(stack.server.registry) == 0
-    async with endpoint(echo_handler) as ep:
-        with pytest.raises(TunnelDialError, match=f"^{NO_AGENT_ERROR}$"):
-            await open_tunnel(ep.address, uds_path=stack.uds)
-        assert ep.accepted == 0
 
 
 # --------------------------------------------------------------------- accepted

@@ -25,27 +25,13 @@ from tests.harness import (
     http_handler,
     python_command,
     server_config,
+    sized_sink,
     source_handler,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
 BIG = 256 << 20
-
-
-async def sized_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Reads an 8-byte length, then that many bytes, and answers their sha256 hex."""
-    (size,) = struct.unpack("!Q", await reader.readexactly(8))
-    digest = hashlib.sha256()
-    remaining = size
-    while remaining:
-        data = await reader.read(min(remaining, 1 << 20))
-        if not data:
-            raise ConnectionError("short upload")
-        digest.update(data)
-        remaining -= len(data)
-    writer.write(digest.hexdigest().encode())
-    await writer.drain()
 
 
 async def test_http_get_through_asyncio_streams(stack: Stack) -> None:

@@ -23,7 +23,15 @@ from proxy_common.client import TunnelClient, open_tunnel
 from proxy_common.errors import AuthError
 from proxy_server.app import ProxyServer
 from tests.balancer import Balancer, balancer
-from tests.harness import RunningAgent, agent_config, echo_handler, endpoint, server_config, wait_for
+from tests.harness import (
+    RunningAgent,
+    agent_config,
+    agent_service_server,
+    echo_handler,
+    endpoint,
+    server_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -292,11 +300,7 @@ class AcceptThenDrop:
 
     def __init__(self, pki: DemoPki) -> None:
         self.streams = 0
-        self.server = grpc.aio.server()
-        method = grpc.stream_stream_rpc_method_handler(self._connect)
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("AgentService", {"Connect": method}),))
-        creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())])
-        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        self.server, self.port = agent_service_server(pki, self._connect)
 
     async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.streams += 1

@@ -39,6 +39,7 @@ from tests.harness import (
     endpoint,
     expected_sha256,
     http_handler,
+    sized_sink,
     source_handler,
     wait_for,
 )
@@ -57,7 +58,6 @@ from tests.http_connect_client import (
     recorded_go_client_tunneled_get,
     settled,
     shut,
-    sized_sink,
 )
 from tests.integration.test_interop_server import AGENT_MD, agent_stream, receive
 from tests.unit import test_egress_selector_configs as egress_configs

@@ -31,7 +31,7 @@ from proxy_common.messages import (
     Message,
 )
 from proxy_common.streams import ServerStream
-from tests.harness import RunningAgent, agent_config, echo_handler, endpoint, wait_for
+from tests.harness import RunningAgent, agent_config, agent_service_server, echo_handler, endpoint, wait_for
 
 pytestmark = pytest.mark.integration
 TRANSCRIPT = json.loads((Path(__file__).parents[1] / "interop" / "agent-transcript.json").read_text())
@@ -49,11 +49,7 @@ class Recorder:
         self.connects = 0
         self.to_agent: asyncio.Queue[Message | None] = asyncio.Queue()
         self.from_agent: asyncio.Queue[Message] = asyncio.Queue()
-        self.server = grpc.aio.server()
-        method = grpc.stream_stream_rpc_method_handler(self._connect)
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("AgentService", {"Connect": method}),))
-        creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())])
-        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        self.server, self.port = agent_service_server(pki, self._connect)
 
     async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.connects += 1

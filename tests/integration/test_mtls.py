@@ -28,10 +28,9 @@ import pytest
 
 from proxy_common import certs
 from proxy_common.certs import DemoPki
-from proxy_common.client import TunnelDialError, open_tunnel
+from proxy_common.client import open_tunnel
 from proxy_common.streams import CONNECT_METHOD
-from proxy_server.router import NO_AGENT_ERROR
-from tests.harness import ROOT, Stack, echo_handler, endpoint, wait_for
+from tests.harness import ROOT, Stack, assert_no_agent_gets_a_dial, echo_handler, endpoint, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,14 +77,6 @@ async def connect(stack: Stack, pair: tuple[Path, Path] | None) -> tuple[grpc.St
                 return await call.code(), headers
         except grpc.aio.AioRpcError as exc:
             return exc.code(), {}
-
-
-async def assert_no_agent_gets_a_dial(stack: Stack) -> None:
-    assert len(stack.server.registry) == 0
-    async with endpoint(echo_handler) as ep:
-        with pytest.raises(TunnelDialError, match=f"^{NO_AGENT_ERROR}$"):
-            await open_tunnel(ep.address, uds_path=stack.uds)
-        assert ep.accepted == 0
 
 
 # ------------------------------------------------------------------- client certs

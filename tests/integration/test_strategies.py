@@ -6,11 +6,9 @@ so every assertion is about where the server really sent the dial.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,7 +16,7 @@ from proxy_agent.connections import DRAINING_ERROR
 from proxy_common.certs import DemoPki
 from proxy_common.client import TunnelDialError, open_tunnel
 from proxy_server.app import ProxyServer
-from tests.harness import RunningAgent, agent_config, echo_handler, server_config, wait_for
+from tests.harness import RunningAgent, agent_config, echo_handler, endpoint, server_config, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,34 +75,9 @@ async def site(pki: DemoPki, tmp: Path, strategies: tuple[str, ...], agents: dic
         await server.stop(0)
 
 
-@contextlib.asynccontextmanager
-async def echo_on(host: str) -> AsyncIterator[int]:
-    tasks: set[asyncio.Task[Any]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tasks.add(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            await echo_handler(reader, writer)
-        except ConnectionError:
-            pass
-        finally:
-            writer.transport.abort()
-            tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
-
-    server = await asyncio.start_server(handle, host, 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-
 async def test_dest_host_routes_by_identifier_and_falls_through_to_default(pki: DemoPki, short_tmp: Path) -> None:
     async with site(pki, short_tmp, ("destHost", "default"), AGENTS) as s, \
-            echo_on("127.0.0.2") as port_a, echo_on("127.0.0.3") as port_b:
+            endpoint(echo_handler, "127.0.0.2") as ep_a, endpoint(echo_handler, "127.0.0.3") as ep_b:
         registry = s.server.metrics.registry
         assert registry.get_sample_value("konnectivity_network_proxy_server_ready_backends",
                                          {"proxy_strategy": "destHost"}) == 3  # 127.0.0.2, 127.0.0.3, localhost
@@ -112,9 +85,9 @@ async def test_dest_host_routes_by_identifier_and_falls_through_to_default(pki: 
                                          {"proxy_strategy": "default"}) == 4
         # Each agent's own addresses land on it, every time, and the bytes come back.
         for _ in range(5):
-            assert await s.dial_lands_on(f"127.0.0.2:{port_a}") == ("agent-a", "")
-            assert await s.dial_lands_on(f"127.0.0.3:{port_b}") == ("agent-b", "")
-        async with await open_tunnel(f"127.0.0.2:{port_a}", uds_path=s.server.config.uds_name) as tunnel:
+            assert await s.dial_lands_on(ep_a.address) == ("agent-a", "")
+            assert await s.dial_lands_on(ep_b.address) == ("agent-b", "")
+        async with await open_tunnel(ep_a.address, uds_path=s.server.config.uds_name) as tunnel:
             await tunnel.send(b"via a")
             assert await tunnel.receive() == b"via a"
         # A host identifier: the agent that advertised it gets the dial (nothing listens there: refused).
@@ -130,16 +103,16 @@ async def test_dest_host_routes_by_identifier_and_falls_through_to_default(pki: 
 
 
 async def test_default_route_takes_unknown_destinations_and_then_no_agent(pki: DemoPki, short_tmp: Path) -> None:
-    async with site(pki, short_tmp, ("destHost", "defaultRoute"), AGENTS) as s, echo_on("127.0.0.2") as port_a:
+    async with site(pki, short_tmp, ("destHost", "defaultRoute"), AGENTS) as s, endpoint(echo_handler, "127.0.0.2") as ep_a:
         for _ in range(10):
             assert (await s.dial_lands_on("127.0.0.9:1"))[0] == "agent-d"
-        assert (await s.dial_lands_on(f"127.0.0.2:{port_a}")) == ("agent-a", "")
+        assert (await s.dial_lands_on(ep_a.address)) == ("agent-a", "")
         await s.agents.pop("agent-d").stop()
         await wait_for(lambda: len(s.server.registry) == 3, what="agent-d gone")
         # No strategy can place it now: the reference's error, and no agent got a DIAL_REQ.
         assert await s.dial_lands_on("127.0.0.9:1") == ("", "No agent available")
         assert s.server.metrics.dial_failures.value("no_agent") == 1
-        assert (await s.dial_lands_on(f"127.0.0.2:{port_a}")) == ("agent-a", "")
+        assert (await s.dial_lands_on(ep_a.address)) == ("agent-a", "")
 
 
 async def test_readiness_follows_the_first_strategy_only(pki: DemoPki, short_tmp: Path) -> None:

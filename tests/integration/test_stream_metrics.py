@@ -18,7 +18,7 @@ from proxy_common.client import open_tunnel
 from proxy_common.messages import Data, DialRequest, DialResponse
 from proxy_common.metrics import go_code_name
 from proxy_common.streams import ClientStream
-from tests.harness import RunningAgent, Stack, agent_config, echo_handler, endpoint, wait_for
+from tests.harness import RunningAgent, Stack, agent_config, agent_service_server, echo_handler, endpoint, wait_for
 from tests.integration.test_interop_server import AGENT_MD, agent_stream, proxy_stream, receive
 
 pytestmark = pytest.mark.integration
@@ -124,11 +124,7 @@ class EndingServer:
     def __init__(self, pki: DemoPki, end: Callable[[grpc.aio.ServicerContext[Any, Any]], Any]) -> None:
         self.end = end
         self.streams = 0
-        self.server = grpc.aio.server()
-        method = grpc.stream_stream_rpc_method_handler(self._connect)
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("AgentService", {"Connect": method}),))
-        creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())])
-        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        self.server, self.port = agent_service_server(pki, self._connect)
 
     async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.streams += 1
