@@ -25,12 +25,14 @@ import pytest
 from proxy_agent.app import ProxyAgent
 from proxy_agent.config import AgentConfig
 from proxy_common.certs import DemoPki
-from proxy_common.client import TunnelDialError, open_tunnel
+from proxy_common.client import Tunnel, TunnelDialError, open_tunnel
 from proxy_server.app import ProxyServer
 from proxy_server.config import ServerConfig
 from proxy_server.router import NO_AGENT_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVER = "konnectivity_network_proxy_server_"  # the metric name prefixes, as the reference spells them
+AGENT = "konnectivity_network_proxy_agent_"
 
 
 async def wait_for(predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
@@ -178,6 +180,23 @@ async def sized_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
     await writer.drain()
 
 
+async def echo(tunnel: Tunnel, payload: bytes) -> None:
+    """Send `payload` through an open tunnel to an echo endpoint; it comes back whole."""
+    await tunnel.send(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = await tunnel.receive()
+        assert chunk, "tunnel closed during the transfer"
+        received += chunk
+    assert received == payload
+
+
+async def echo_once(uds: str, address: str, payload: bytes) -> None:
+    """One tunnel through the server listening at `uds` to the echo endpoint at `address`."""
+    async with await open_tunnel(address, uds_path=uds) as tunnel:
+        await echo(tunnel, payload)
+
+
 def source_handler(size: int, seed: bytes = b"seed") -> Handler:
     """Sends `size` deterministic bytes, then closes."""
 
@@ -293,6 +312,16 @@ class Stack:
         for running in self.agents:
             await running.stop()
         await self.server.stop(0)
+
+
+def server_metric(server: ProxyServer, name: str, **labels: str) -> float:
+    """A sample of a server's `konnectivity_network_proxy_server_<name>` (0 when it has none)."""
+    return server.metrics.registry.get_sample_value(SERVER + name, labels) or 0.0
+
+
+def agent_metric(running: RunningAgent, name: str, **labels: str) -> float:
+    """A sample of an agent's `konnectivity_network_proxy_agent_<name>` (0 when it has none)."""
+    return running.agent.metrics.registry.get_sample_value(AGENT + name, labels) or 0.0
 
 
 Connect = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]

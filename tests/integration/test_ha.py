@@ -26,17 +26,18 @@ from tests.balancer import Balancer, balancer
 from tests.harness import (
     RunningAgent,
     agent_config,
+    agent_metric,
     agent_service_server,
     echo_handler,
+    echo_once,
     endpoint,
     server_config,
+    server_metric,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
-SERVER = "konnectivity_network_proxy_server_"
-AGENT = "konnectivity_network_proxy_agent_"
 
 
 class Cluster:
@@ -107,25 +108,6 @@ async def cluster(pki: DemoPki, short_tmp: Path) -> AsyncIterator[Cluster]:
         await running.aclose()
 
 
-def server_gauge(server: ProxyServer, name: str, **labels: str) -> float:
-    return server.metrics.registry.get_sample_value(SERVER + name, labels) or 0.0
-
-
-def agent_gauge(running: RunningAgent, name: str, **labels: str) -> float:
-    return running.agent.metrics.registry.get_sample_value(AGENT + name, labels) or 0.0
-
-
-async def echo_through(uds: str, address: str, payload: bytes) -> bytes:
-    async with await open_tunnel(address, uds_path=uds) as tunnel:
-        await tunnel.send(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = await tunnel.receive()
-            assert chunk, "tunnel closed early"
-            got += chunk
-        return got
-
-
 # ------------------------------------------------------------------ three servers
 async def test_three_servers_behind_one_address_every_agent_holds_one_stream_to_each(
     cluster: Cluster, pki: DemoPki
@@ -138,11 +120,11 @@ async def test_three_servers_behind_one_address_every_agent_holds_one_stream_to_
         cluster.add_agent(agent_id, lb.port)
     await wait_for(cluster.fully_meshed, what="every agent connected once to every server")
     for server in cluster.servers.values():
-        assert server_gauge(server, "ready_backends", proxy_strategy="default") == 2
-        assert server_gauge(server, "grpc_connections", service_method="Connect") == 2
+        assert server_metric(server, "ready_backends", proxy_strategy="default") == 2
+        assert server_metric(server, "grpc_connections", service_method="Connect") == 2
     for running in cluster.agents.values():
-        assert agent_gauge(running, "open_server_connections") == 3
-        assert agent_gauge(running, "known_server_count") == 3
+        assert agent_metric(running, "open_server_connections") == 3
+        assert agent_metric(running, "known_server_count") == 3
 
     # Restart s2 on the same port with the same ID: agents reconnect to it, and only to it.
     before = {agent_id: dict(running.agent.clients.sessions) for agent_id, running in cluster.agents.items()}
@@ -155,9 +137,9 @@ async def test_three_servers_behind_one_address_every_agent_holds_one_stream_to_
         # The streams to s1 and s3 are the very same objects: never dropped or duplicated.
         assert sessions["s1"] is before[agent_id]["s1"] and sessions["s3"] is before[agent_id]["s3"]
         assert sessions["s2"] is not before[agent_id]["s2"]
-        assert agent_gauge(running, "open_server_connections") == 3
+        assert agent_metric(running, "open_server_connections") == 3
     for server in cluster.servers.values():
-        assert server_gauge(server, "ready_backends", proxy_strategy="default") == 2
+        assert server_metric(server, "ready_backends", proxy_strategy="default") == 2
 
 
 async def test_a_restarted_server_is_found_again_with_sync_forever(cluster: Cluster) -> None:
@@ -185,7 +167,7 @@ async def test_two_servers_two_agents_every_dial_works_through_either_server(clu
         for server_id, server in cluster.servers.items():
             for i in range(6):
                 payload = f"{server_id} dial {i}".encode()
-                assert await echo_through(server.config.uds_name, ep.address, payload) == payload
+                await echo_once(server.config.uds_name, ep.address, payload)
             # A reusable client (kube-apiserver's newer mode) on this server as well.
             async with TunnelClient.over_uds(server.config.uds_name) as client:
                 tunnels = [await client.dial(ep.address) for _ in range(4)]
@@ -195,7 +177,7 @@ async def test_two_servers_two_agents_every_dial_works_through_either_server(clu
                 for tunnel in tunnels:
                     await tunnel.aclose()
         # Both agents carried dials from each server (the default strategy spreads them).
-        carried = {a: agent_gauge(r, "dial_duration_seconds_count") for a, r in cluster.agents.items()}
+        carried = {a: agent_metric(r, "dial_duration_seconds_count") for a, r in cluster.agents.items()}
         assert sum(carried.values()) == 20 and all(count > 0 for count in carried.values()), carried
         await wait_for(lambda: ep.open_connections == 0, what="endpoint connections closed")
         for server in cluster.servers.values():
@@ -208,7 +190,7 @@ async def test_an_agent_given_every_server_address_reaches_each_without_a_balanc
     addresses = tuple(f"127.0.0.1:{s.agent_port}" for s in cluster.servers.values())
     running = cluster.add_agent("a1", 1, proxy_server_addresses=addresses)
     await wait_for(cluster.fully_meshed, what="one stream per listed address")
-    assert agent_gauge(running, "known_server_count") == 3
+    assert agent_metric(running, "known_server_count") == 3
     attempts = running.agent.clients.attempts
     assert attempts == 3, "each address tried once, none twice"
 
@@ -240,7 +222,7 @@ async def test_a_second_stream_of_one_agent_id_keeps_the_first_streams_connectio
         assert tunnel.close_error == ""
         await wait_for(lambda: server.router.is_empty() and first.connection_count() == 0 and ep.open_connections == 0,
                        what="every table empty")
-        assert server_gauge(server, "established_connections") == 0
+        assert server_metric(server, "established_connections") == 0
 
 
 async def test_connections_on_the_second_stream_survive_the_first_streams_end(cluster: Cluster) -> None:

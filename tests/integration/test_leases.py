@@ -19,14 +19,12 @@ from proxy_common.errors import ConfigError
 from proxy_server.app import ProxyServer
 from tests.balancer import Balancer
 from tests.fakekube import FakeKube
-from tests.harness import RunningAgent, agent_config, server_config, wait_for
+from tests.harness import RunningAgent, agent_config, agent_metric, server_config, server_metric, wait_for
 
 pytestmark = pytest.mark.integration
 
 NS = "kube-system"
 LABELS = {"k8s-app": "konnectivity-server"}
-SERVER = "konnectivity_network_proxy_server_"
-AGENT = "konnectivity_network_proxy_agent_"
 FAST_LEASES = {"lease_duration_seconds": 2, "lease_renew_interval": 0.3, "lease_gc_interval": 0.3,
                "lease_api_timeout": 5.0}
 
@@ -85,14 +83,6 @@ async def fleet(pki: DemoPki, short_tmp: Path, kubeconfig: str) -> AsyncIterator
         await running.aclose()
 
 
-def metric(server: ProxyServer, name: str, **labels: str) -> float:
-    return server.metrics.registry.get_sample_value(SERVER + name, labels) or 0.0
-
-
-def agent_metric(running: RunningAgent, name: str, **labels: str) -> float:
-    return running.agent.metrics.registry.get_sample_value(AGENT + name, labels) or 0.0
-
-
 def planted(name: str, renewed_seconds_ago: float, labels: dict[str, str] | None = None) -> dict[str, Any]:
     renewed = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=renewed_seconds_ago)
     return {"metadata": {"name": name, "labels": labels or LABELS},
@@ -130,9 +120,9 @@ async def test_gc_culls_expired_leases_only_and_counts_them(fleet: Fleet, fake: 
     assert fake.lease(NS, "konnectivity-proxy-server-alive") is not None
     assert fake.lease(NS, "someone-elses") is not None  # other labels: not ours to delete
     assert fake.lease(NS, "konnectivity-proxy-server-server-a") is not None
-    assert metric(server, "lease_delete_total", http_status_code="200", reason="") == 1
-    assert metric(server, "lease_delete_latency_seconds_count", http_status_code="200") == 1
-    assert metric(server, "lease_list_total", http_status_code="200", reason="") >= 1
+    assert server_metric(server, "lease_delete_total", http_status_code="200", reason="") == 1
+    assert server_metric(server, "lease_delete_latency_seconds_count", http_status_code="200") == 1
+    assert server_metric(server, "lease_list_total", http_status_code="200", reason="") >= 1
     text = server.metrics.render().decode()
     assert "konnectivity_network_proxy_server_culled_leases_count 1.0" in text
 
@@ -154,7 +144,7 @@ async def test_gc_keeps_a_lease_renewed_between_list_and_delete(fleet: Fleet, fa
     assert await controller.collect_garbage() == 0
     kept = fake.lease(NS, "konnectivity-proxy-server-racing")
     assert kept is not None and kept["metadata"]["resourceVersion"] != stale["metadata"]["resourceVersion"]
-    assert metric(server, "lease_delete_total", http_status_code="409", reason="Conflict") == 1
+    assert server_metric(server, "lease_delete_total", http_status_code="409", reason="Conflict") == 1
     assert server.metrics.culled_leases.value() == 0
 
 
@@ -165,7 +155,7 @@ async def test_a_refused_lease_api_is_retried_and_counted_with_its_status(
     anonymous = tmp_path / "anonymous"
     fake.write_kubeconfig(anonymous, token="nobody-knows-me")
     server = await fleet.start_server("server-a", kubeconfig=str(anonymous))
-    await wait_for(lambda: metric(server, "lease_list_total", http_status_code="401", reason="Unauthorized") >= 2,
+    await wait_for(lambda: server_metric(server, "lease_list_total", http_status_code="401", reason="Unauthorized") >= 2,
                    what="refused lists counted")
     assert fake.lease(NS, "konnectivity-proxy-server-server-a") is None
 

@@ -20,7 +20,7 @@ import pytest
 
 from proxy_agent.connections import DRAINING_ERROR, ConnectionTable, DialRefused, Send, StartDial
 from proxy_common.certs import DemoPki
-from proxy_common.client import Tunnel, TunnelDialError, open_tunnel, uds_channel
+from proxy_common.client import TunnelDialError, open_tunnel, uds_channel
 from proxy_common.messages import Data, DialRequest, DialResponse
 from proxy_common.streams import PROXY_METHOD
 from proxy_server import certs_command
@@ -28,7 +28,7 @@ from proxy_server.backends import Backend
 from tests import http_probe
 from tests import manifests as m
 from tests.fakekube import FakeKube
-from tests.harness import Stack, echo_handler, endpoint, http_handler, wait_for
+from tests.harness import Stack, echo, echo_handler, endpoint, http_handler, wait_for
 from tests.processes import child
 
 pytestmark = pytest.mark.integration
@@ -57,16 +57,6 @@ def server_args(pki: DemoPki, socket: Path, kubeconfig: Path) -> list[str]:
 
 def backend(stack: Stack, agent_id: str) -> Backend | None:
     return next((b for b in stack.server.registry.backends() if b.agent_id == agent_id), None)
-
-
-async def echo(tunnel: Tunnel, payload: bytes) -> None:
-    await tunnel.send(payload)
-    received = b""
-    while len(received) < len(payload):
-        chunk = await tunnel.receive()
-        assert chunk, "tunnel closed during the transfer"
-        received += chunk
-    assert received == payload
 
 
 def test_a_draining_table_refuses_dials_and_keeps_its_connections() -> None:

@@ -20,7 +20,7 @@ from proxy_common.client import TunnelDialError, open_tunnel
 from proxy_common.probes import METRICS_CONTENT_TYPE
 from proxy_server.app import ProxyServer
 from tests import http_probe
-from tests.harness import RunningAgent, Stack, agent_config, echo_handler, endpoint, server_config, wait_for
+from tests.harness import RunningAgent, Stack, agent_config, echo_handler, echo_once, endpoint, server_config, wait_for
 
 pytestmark = pytest.mark.integration
 INTEROP = Path(__file__).resolve().parents[1] / "interop"
@@ -63,16 +63,6 @@ def assert_reference_families(text: str, recording: str, prefix: str, registry: 
 async def endpoints_closed(running: RunningAgent) -> None:
     """The agent has finished with every endpoint connection (metrics and logs are written)."""
     await wait_for(lambda: running.agent.open_connections() == 0, what="agent endpoint connections closed")
-
-
-async def echo_once(uds: str, address: str, payload: bytes) -> None:
-    tunnel = await open_tunnel(address, uds_path=uds)
-    await tunnel.send(payload)
-    received = b""
-    while len(received) < len(payload):
-        received += await tunnel.receive()
-    assert received == payload
-    await tunnel.aclose()
 
 
 # ------------------------------------------------------------------- server health

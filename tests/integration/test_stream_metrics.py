@@ -18,22 +18,27 @@ from proxy_common.client import open_tunnel
 from proxy_common.messages import Data, DialRequest, DialResponse
 from proxy_common.metrics import go_code_name
 from proxy_common.streams import ClientStream
-from tests.harness import RunningAgent, Stack, agent_config, agent_service_server, echo_handler, endpoint, wait_for
+from tests.harness import (
+    AGENT,
+    RunningAgent,
+    Stack,
+    agent_config,
+    agent_metric,
+    agent_service_server,
+    echo_handler,
+    endpoint,
+    server_metric,
+    wait_for,
+)
 from tests.integration.test_interop_server import AGENT_MD, agent_stream, proxy_stream, receive
 
 pytestmark = pytest.mark.integration
-SERVER = "konnectivity_network_proxy_server_"
-AGENT = "konnectivity_network_proxy_agent_"
 CHUNK = 64 << 10
 MAX_CHUNKS = 2048  # 128 MiB: far beyond every buffer and HTTP/2 window on the way
 
 
-def server_value(stack: Stack, name: str, **labels: str) -> float:
-    return stack.server.metrics.registry.get_sample_value(SERVER + name, labels) or 0.0
-
-
 def full_channels(stack: Stack, method: str) -> float:
-    return server_value(stack, "full_receive_channels", service_method=method)
+    return server_metric(stack.server, "full_receive_channels", service_method=method)
 
 
 async def open_connection(stack: Stack, agent: ClientStream, frontend: ClientStream) -> None:
@@ -110,10 +115,10 @@ async def test_undecodable_packet_counts_as_a_stream_error_like_gos_unmarshal_fa
             async with asyncio.timeout(5):
                 await stream.call.read()
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    await wait_for(lambda: server_value(stack, "stream_errors_total", segment=segment, code="Internal", packet_type="Unknown") == 1,
+    await wait_for(lambda: server_metric(stack.server, "stream_errors_total", segment=segment, code="Internal", packet_type="Unknown") == 1,
                    what="stream error counted")
     other = "from_agent" if segment == "from_client" else "from_client"
-    assert server_value(stack, "stream_errors_total", segment=other, code="Internal", packet_type="Unknown") == 0
+    assert server_metric(stack.server, "stream_errors_total", segment=other, code="Internal", packet_type="Unknown") == 0
     await stack.wait_idle()
 
 
@@ -145,10 +150,6 @@ async def agent_against(pki: DemoPki, end: Callable[[grpc.aio.ServicerContext[An
         await server.server.stop(0)
 
 
-def agent_value(running: RunningAgent, name: str, **labels: str) -> float:
-    return running.agent.metrics.registry.get_sample_value(AGENT + name, labels) or 0.0
-
-
 async def abort_unavailable(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     await asyncio.sleep(0.05)
     await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
@@ -162,10 +163,10 @@ async def send_garbage(context: grpc.aio.ServicerContext[Any, Any]) -> None:
 @pytest.mark.parametrize(("end", "code"), [(abort_unavailable, "Unavailable"), (send_garbage, "Internal")])
 async def test_agent_counts_a_failed_receive_under_gos_code(pki: DemoPki, end: Any, code: str) -> None:
     async with agent_against(pki, end) as running:
-        await wait_for(lambda: agent_value(running, "stream_errors_total", segment="to_agent", code=code, packet_type="Unknown") >= 1,
+        await wait_for(lambda: agent_metric(running, "stream_errors_total", segment="to_agent", code=code, packet_type="Unknown") >= 1,
                        what="agent stream error counted")
-        assert agent_value(running, "server_connection_failure_count", direction="from_server") >= 1
-        assert agent_value(running, "server_connection_failure_count", direction="to_server") == 0
+        assert agent_metric(running, "server_connection_failure_count", direction="from_server") >= 1
+        assert agent_metric(running, "server_connection_failure_count", direction="to_server") == 0
         rendered = running.agent.metrics.render().decode()
         assert f'{AGENT}server_connection_failure_count{{direction="from_server"}}' in rendered
 
@@ -189,7 +190,7 @@ async def test_write_to_a_frontend_that_went_away_counts_as_a_stream_error(pki: 
                 await flooding
             # The frontend cancelled its stream while the server was writing to it.
             await wait_for(lambda: full_channels(stack, "Connect") == 0, what="agent reader released")
-            await wait_for(lambda: server_value(stack, "stream_errors_total", segment="to_client", code="Canceled",
+            await wait_for(lambda: server_metric(stack.server, "stream_errors_total", segment="to_client", code="Canceled",
                                                 packet_type="DATA") == 1, what="write error counted")
         await stack.wait_idle()
     finally:
@@ -214,8 +215,8 @@ async def test_agent_counts_every_packet_the_server_counts(pki: DemoPki, short_t
         await stack.wait_idle()
         for segment, packet_type in [("from_agent", "DATA"), ("to_agent", "DATA"), ("to_agent", "CLOSE_REQ"),
                                      ("from_agent", "CLOSE_RSP"), ("from_agent", "DIAL_RSP")]:
-            server = server_value(stack, "stream_packets_total", segment=segment, packet_type=packet_type)
-            await wait_for(lambda s=segment, t=packet_type, n=server: agent_value(
+            server = server_metric(stack.server, "stream_packets_total", segment=segment, packet_type=packet_type)
+            await wait_for(lambda s=segment, t=packet_type, n=server: agent_metric(
                 running, "stream_packets_total", segment=s, packet_type=t) == n, what=f"agent count of {segment} {packet_type}")
             assert server >= 3  # three connections, each with at least one of these
     finally:
