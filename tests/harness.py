@@ -156,6 +156,12 @@ async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     await writer.drain()
 
 
+def assert_page(response: bytes, path: str = "/success") -> None:
+    """`response` is http_handler's whole answer to a GET of `path`."""
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(f"hello from {path}</body></html>".encode())
+
+
 async def sink_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Reads everything, then answers with the sha256 hex of what it read and closes."""
     digest = hashlib.sha256()

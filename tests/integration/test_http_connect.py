@@ -34,6 +34,7 @@ from proxy_server.config import ServerConfig
 from tests.harness import (
     ROOT,
     Stack,
+    assert_page,
     deterministic_chunks,
     echo_handler,
     endpoint,
@@ -91,8 +92,7 @@ async def test_tunneled_http_get(hc: tuple[Stack, Access]) -> None:
         assert http_connections(stack) == 1
         writer.write(f"GET /success HTTP/1.1\r\nHost: {ep.address}\r\n\r\n".encode())
         response = await read_all(reader)
-        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert response.endswith(b"hello from /success</body></html>")
+        assert_page(response)
         await shut(writer)
 
 
@@ -110,8 +110,7 @@ async def test_go_client_bytes_are_answered_as_the_go_server_does(hc: tuple[Stac
             await asyncio.wait_for(reader.read(1), 0.2)
         writer.write(recorded_go_client_tunneled_get())
         response = await read_all(reader)
-        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert response.endswith(b"hello from /success</body></html>")
+        assert_page(response)
         await shut(writer)
 
 
