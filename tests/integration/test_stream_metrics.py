@@ -66,22 +66,29 @@ async def read_until(reader: ClientStream, done: Callable[[], bool]) -> None:
         assert type(message) is Data
 
 
+async def block_then_release(stack: Stack, flooder: ClientStream, drainer: ClientStream, blocked: str, other: str) -> int:
+    """Flood from `flooder` (nobody reads) until the server's `blocked` reader waits on a full
+    channel, counted under that service method only; then read at `drainer` until that reader
+    moves on and the gauge falls back. Returns the packets sent."""
+    flooding = asyncio.create_task(flood_until(flooder, lambda: full_channels(stack, blocked) == 1))
+    try:
+        await wait_for(lambda: full_channels(stack, blocked) == 1, what=f"{blocked} reader blocked", timeout=30)
+        assert full_channels(stack, other) == 0
+        await read_until(drainer, lambda: flooding.done() and full_channels(stack, blocked) == 0)
+    finally:
+        flooding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flooding
+    return flooding.result()
+
+
 async def test_frontend_reader_blocked_by_a_full_agent_stream_counts_under_proxy(stack: Stack) -> None:
     async with agent_stream(stack, AGENT_MD) as agent, proxy_stream(stack) as frontend:
         await open_connection(stack, agent, frontend)
         assert full_channels(stack, "Proxy") == 0
-        # The agent reads nothing: its stream and mailbox fill, then the frontend's reader waits.
-        flooding = asyncio.create_task(flood_until(frontend, lambda: full_channels(stack, "Proxy") == 1))
-        try:
-            await wait_for(lambda: full_channels(stack, "Proxy") == 1, what="frontend reader blocked", timeout=30)
-            assert full_channels(stack, "Connect") == 0
-            # The agent catches up: the reader moves on and the gauge falls back.
-            await read_until(agent, lambda: flooding.done() and full_channels(stack, "Proxy") == 0)
-        finally:
-            flooding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flooding
-        assert flooding.result() > 0
+        # The agent reads nothing: its stream and mailbox fill, then the frontend's reader waits
+        # until the agent catches up.
+        assert await block_then_release(stack, frontend, agent, "Proxy", "Connect") > 0
     await stack.wait_idle()
 
 
@@ -91,15 +98,7 @@ async def test_agent_reader_blocked_by_a_slow_frontend_counts_under_connect(pki:
     try:
         async with agent_stream(stack, AGENT_MD) as agent, proxy_stream(stack) as frontend:
             await open_connection(stack, agent, frontend)
-            flooding = asyncio.create_task(flood_until(agent, lambda: full_channels(stack, "Connect") == 1))
-            try:
-                await wait_for(lambda: full_channels(stack, "Connect") == 1, what="agent reader blocked", timeout=30)
-                assert full_channels(stack, "Proxy") == 0
-                await read_until(frontend, lambda: flooding.done() and full_channels(stack, "Connect") == 0)
-            finally:
-                flooding.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flooding
+            assert await block_then_release(stack, agent, frontend, "Connect", "Proxy") > 0
             assert stack.server.metrics.overflow_closes._value.get() == 0
         await stack.wait_idle()
     finally:
