@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy_agent.config import AgentConfig, default_agent_id
-from proxy_common import flags, logs, memory, tasks
+from proxy_common import flags, logs, runtime, tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[AgentConfig, argparse.Name
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse(argv)
     logs.start_from_flags(args, logging.getLogger("proxy_agent"), ["--alpn-proto"] if config.alpn_proto else [])
-    memory.limit_malloc_arenas()  # before grpc starts its threads
+    runtime.prepare_process()  # before grpc is imported and starts its threads
     from proxy_agent import app
 
     return tasks.run(app.serve(config))

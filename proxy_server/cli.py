@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from proxy_common import flags, logs, memory, tasks
+from proxy_common import flags, logs, runtime, tasks
 from proxy_server.config import ServerConfig, default_server_id
 
 
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.cipher_suites:
         # grpcio reads its cipher list once, when grpc is imported: set it before that.
         os.environ["GRPC_SSL_CIPHER_SUITES"] = config.openssl_cipher_list()
-    memory.limit_malloc_arenas()  # before grpc starts its threads
+    runtime.prepare_process()  # before grpc is imported and starts its threads
     from proxy_server import app  # imported late so `--help` stays fast
 
     return tasks.run(app.serve(config))

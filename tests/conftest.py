@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from proxy_common.certs import DemoPki, make_demo_pki
-from tests.harness import Stack, describe_sockets, socket_fds, wait_for
+from proxy_common import runtime
+
+# The in-process stacks run with the same grpc and malloc settings as the shipped
+# binaries; this must happen before anything imports grpc.
+runtime.prepare_process()
+
+from proxy_common.certs import DemoPki, make_demo_pki  # noqa: E402
+from tests.harness import Stack, describe_sockets, socket_fds, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="session")
