@@ -122,20 +122,22 @@ async def _say_goodbye(session: Session, conn_id: int, stream: ClientStream, dow
 
     Cancelling the call earlier could make the server drop DATA it has not read yet."""
     call = stream.call
-    with contextlib.suppress(*STREAM_ERRORS, TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError):
-        async with asyncio.timeout(GOODBYE_SECONDS):
-            for action in session.table.endpoint_closed(conn_id):
-                if isinstance(action, c.Send):
-                    await _send(session, stream, action.message)
-            await call.done_writing()
-            if down_task is not None and not down_task.done():
-                await asyncio.shield(down_task)
-            else:
-                with contextlib.suppress(TunnelClosed):
-                    while True:  # nobody else reads now: wait for the server's end of stream
-                        await stream.receive()
-    call.cancel()
-    if down_task is not None:
-        down_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
-            await down_task
+    try:
+        with contextlib.suppress(*STREAM_ERRORS, TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            async with asyncio.timeout(GOODBYE_SECONDS):
+                for action in session.table.endpoint_closed(conn_id):
+                    if isinstance(action, c.Send):
+                        await _send(session, stream, action.message)
+                await call.done_writing()
+                if down_task is not None and not down_task.done():
+                    await asyncio.shield(down_task)
+                else:
+                    with contextlib.suppress(TunnelClosed):
+                        while True:  # nobody else reads now: wait for the server's end of stream
+                            await stream.receive()
+    finally:  # even when we are cancelled meanwhile: the call and its reader never outlive us
+        call.cancel()
+        if down_task is not None:
+            down_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
+                await down_task

@@ -231,6 +231,8 @@ class Session:
                 return
             self.metrics.dial_duration.observe(time.monotonic() - started)
             await self._serve_endpoint(endpoint, reader, writer)
+        except Exception:  # one connection's failure must never end the session's TaskGroup
+            log.exception("endpoint connection failed conn_id=%d address=%s", dial.conn_id, dial.address)
         finally:
             del self.endpoints[dial.conn_id]
 
@@ -251,10 +253,11 @@ class Session:
                 if endpoint.inbox.closed:  # a close arrived while we dialed
                     deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
                 await race(self._endpoint_to_server(endpoint, reader), self._server_to_endpoint(endpoint, writer))
-        except (TimeoutError, OSError) as exc:
-            if not isinstance(exc, TimeoutError):  # a timeout is the bounded flush after a close
-                endpoint.close_reason = endpoint.close_reason or "error"
-            log.debug("endpoint connection ended conn_id=%d reason=%r", conn_id, exc)
+        except* TimeoutError:  # the bounded flush after a close ran out
+            log.debug("endpoint connection ended conn_id=%d reason=flush timeout", conn_id)
+        except* OSError as group:
+            endpoint.close_reason = endpoint.close_reason or "error"
+            log.debug("endpoint connection ended conn_id=%d reason=%r", conn_id, group.exceptions[0])
         finally:
             writer.transport.abort()
             self.metrics.open_endpoint_connections.dec()
@@ -266,16 +269,23 @@ class Session:
     async def _endpoint_to_server(self, endpoint: _Endpoint, reader: asyncio.StreamReader) -> None:
         chunk_size, conn_id = self.config.read_chunk_bytes, endpoint.conn_id
         put = self.outbox.put
-        while chunk := await reader.read(chunk_size):
-            endpoint.bytes_out += len(chunk)
-            try:
+        try:
+            while chunk := await reader.read(chunk_size):
+                endpoint.bytes_out += len(chunk)
                 await put(Data(conn_id, chunk))
-            except MailboxClosed:
-                return
+        except MailboxClosed:
+            return
+        except OSError as exc:  # reset by the endpoint: this connection ends, nothing else
+            endpoint.close_reason = endpoint.close_reason or "error"
+            log.debug("endpoint read failed conn_id=%d error=%r", conn_id, exc)
 
     async def _server_to_endpoint(self, endpoint: _Endpoint, writer: asyncio.StreamWriter) -> None:
         inbox = endpoint.inbox
-        while (chunk := await inbox.get()) is not None:
-            endpoint.bytes_in += len(chunk)
-            writer.write(chunk)
-            await writer.drain()
+        try:
+            while (chunk := await inbox.get()) is not None:
+                endpoint.bytes_in += len(chunk)
+                writer.write(chunk)
+                await writer.drain()
+        except OSError as exc:
+            endpoint.close_reason = endpoint.close_reason or "error"
+            log.debug("endpoint write failed conn_id=%d error=%r", endpoint.conn_id, exc)

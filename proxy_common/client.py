@@ -384,8 +384,10 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tu
 
     from proxy_common.tasks import race
 
-    with contextlib.suppress(TunnelClosed, TunnelBroken, ConnectionError):
+    try:
         await race(up(), down())
+    except* (TunnelClosed, TunnelBroken, ConnectionError):
+        pass  # either side ended: the splice is over
 
 
 @contextlib.asynccontextmanager

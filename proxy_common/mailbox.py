@@ -136,7 +136,9 @@ class Mailbox(Generic[T]):
             self._reader.set_result(None)
 
     def _wake_writers(self) -> None:
-        """Every waiting producer retries (each re-checks the room, in FIFO order)."""
-        for waiter in self._writers:
+        """Every waiting producer retries (each re-checks the room, in FIFO order, and waits
+        again with a new waiter if there is none)."""
+        waiters, self._writers = self._writers, []
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -36,10 +36,10 @@ def _transport_options(environ: dict[str, str] | os._Environ[str]) -> list[tuple
 TRANSPORT_OPTIONS: list[tuple[str, int]] = _transport_options(os.environ)
 
 # A writer that fell behind sends the DATA queued for one connection as one packet of at
-# most this many payload bytes (well under grpc-go's 4 MiB default receive limit);
-# KONNECTIVITY_PY_COALESCE_BYTES=0 turns joining off (the benchmark uses it to play a Go agent).
-COALESCE_BYTES = int(os.environ.get("KONNECTIVITY_PY_COALESCE_BYTES", 512 << 10))
-
+# most this many payload bytes: never more than our agent's own reads, far under the 4 MiB a
+# Go peer accepts. KONNECTIVITY_PY_COALESCE_BYTES=0 turns joining off (the benchmark uses
+# it to play a Go agent).
+COALESCE_BYTES = int(os.environ.get("KONNECTIVITY_PY_COALESCE_BYTES", 256 << 10))
 
 # A small DATA with nothing queued behind it waits a few loop turns for its followers:
 # with a peer sending 4 KiB packets this halved the client's CPU per GiB and added no
@@ -48,36 +48,50 @@ SMALL_BYTES = 64 << 10
 SMALL_DATA_YIELDS = 3
 
 
-async def next_outgoing(mailbox: Mailbox[Message]) -> Message | None:
+async def next_outgoing(mailbox: Mailbox[Message], limit: int = COALESCE_BYTES) -> Message | None:
     """The next message to write from `mailbox`, or None once it is closed and empty.
 
-    Consecutive DATA packets for the same connection that are already queued go out as one:
-    every gRPC write costs tens of microseconds whatever its size, so a peer that sends
-    small packets (a stock Go agent reads 4 KiB at a time) costs one write per batch
-    instead of one per packet. Order is kept: only a run of DATA for one connection, with
-    no error, is joined. A small DATA alone in the mailbox waits a few loop turns (never a
-    timer) so that the packets its sender is reading right now can join it."""
+    Consecutive DATA packets for the same connection that are already queued go out as one
+    packet of at most `limit` payload bytes: every gRPC write costs tens of microseconds
+    whatever its size, so a peer that sends small packets (a stock Go agent reads 4 KiB at
+    a time) costs one write per batch instead of one per packet. Order is kept: only a run
+    of DATA for one connection, with no error, is joined. A small DATA alone in the mailbox
+    waits a few loop turns (never a timer) so that the packets its sender is reading right
+    now can join it."""
     message = await mailbox.get()
-    if type(message) is not Data or message.error or not COALESCE_BYTES:
+    if type(message) is not Data or message.error or len(message.data) >= limit:
         return message
     conn_id = message.conn_id
+    size = len(message.data)
 
-    def same_connection(item: Message) -> bool:
-        return type(item) is Data and item.conn_id == conn_id and not item.error
+    def joins(item: Message) -> bool:
+        return type(item) is Data and item.conn_id == conn_id and not item.error and size + len(item.data) <= limit
 
-    following = mailbox.get_nowait_if(same_connection)
-    if following is None and len(message.data) < SMALL_BYTES:
+    following = mailbox.get_nowait_if(joins)
+    if following is None and size < SMALL_BYTES:
         for _ in range(SMALL_DATA_YIELDS):
             await asyncio.sleep(0)
-        following = mailbox.get_nowait_if(same_connection)
+        following = mailbox.get_nowait_if(joins)
     if following is None:
         return message
-    parts = [message.data, following.data]
-    size = len(message.data) + len(following.data)
-    while size < COALESCE_BYTES and (following := mailbox.get_nowait_if(same_connection)) is not None:
+    parts = [message.data]
+    while following is not None:
         parts.append(following.data)
         size += len(following.data)
+        following = mailbox.get_nowait_if(joins)
     return Data(conn_id, b"".join(parts))
+
+
+def split_data(message: Message, limit: int) -> list[Message]:
+    """`message` as packets of at most `limit` payload bytes (DATA is cut, anything else is
+    returned whole). A stock Go client queues 10 packets per connection and gives the tunnel
+    up when its reader leaves one unread for 10 s, so smaller packets let a slow reader keep
+    its tunnel."""
+    if type(message) is not Data or len(message.data) <= limit or limit <= 0:
+        return [message]
+    view = memoryview(message.data)
+    return [Data(message.conn_id, view[i : i + limit], message.error if i + limit >= len(view) else "")
+            for i in range(0, len(view), limit)]
 
 
 PROXY_METHOD = "/ProxyService/Proxy"

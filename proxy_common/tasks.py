@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+log = logging.getLogger("proxy_common.tasks")
 
 
 async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -> None:
@@ -26,6 +29,7 @@ async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -
         return
     current = asyncio.current_task()
     assert current is not None, "race() runs inside a task"
+    cancels_before = current.cancelling()
     *others, inline = coros
     tasks = [
         asyncio.create_task(coro, name=names[index] if index < len(names) else None)
@@ -46,7 +50,7 @@ async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -
         await inline
     except asyncio.CancelledError:
         # Ours (a sibling ended first) unless the task was also cancelled from outside.
-        outer_cancel = not state["we_cancelled"] or current.uncancel() > 0
+        outer_cancel = not state["we_cancelled"] or current.uncancel() > cancels_before
         state["we_cancelled"] = False
     except BaseException as exc:  # gathered and re-raised below
         errors.append(exc)
@@ -63,10 +67,14 @@ async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -
                 await asyncio.wait(tasks)
             except asyncio.CancelledError:
                 outer_cancel = True
+                for task in tasks:  # a sibling that swallowed one cancellation gets another
+                    task.cancel()
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             errors.append(task.exception())  # type: ignore[arg-type]
     if outer_cancel:
+        for error in errors:  # they would vanish with the cancellation: say what they were
+            log.warning("error in a cancelled race error=%r", error)
         raise asyncio.CancelledError
     if errors:
         raise BaseExceptionGroup("race", errors)

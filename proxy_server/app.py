@@ -175,7 +175,9 @@ class ProxyServer:
     async def _start_grpc_frontend(self) -> None:
         c = self.config
         server = grpc.aio.server(options=self._frontend_options())
-        server.add_generic_rpc_handlers((ProxyServicer(self.board).handler(),))
+        server.add_generic_rpc_handlers(
+            (ProxyServicer(self.board, max_data_bytes=self.config.frontend_data_bytes).handler(),)
+        )
         if c.uds_name:
             prepare_uds(c.uds_name, c.delete_existing_uds_file)
             mode = 0o660 if c.uds_group_access else 0o600

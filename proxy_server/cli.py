@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keepalive ping interval on frontend streams (default 1h)")
     fe.add_argument("--frontend-buffer-bytes", type=int, default=d.frontend_buffer_bytes,
                     help="bytes buffered per connection toward a slow client (default 4 MiB)")
+    fe.add_argument("--frontend-data-bytes", type=int, default=d.frontend_data_bytes,
+                    help="largest DATA packet sent to a gRPC client (default 256 KiB). A stock Go client gives a "
+                         "tunnel up when its reader leaves a packet unread for 10 s: lower it (e.g. 32768) where "
+                         "clients read slower than this many bytes per 10 s; smaller packets cost more CPU")
     fe.add_argument("--overflow-wait", type=flags.duration, default=d.overflow_wait,
                     help="how long a full client buffer may hold an agent stream before that one connection is closed")
     fe.add_argument("--frontend-header-timeout", type=flags.duration, default=d.frontend_header_timeout,
@@ -117,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         graceful_shutdown_timeout=args.graceful_shutdown_timeout, backend_dial_timeout=args.backend_dial_timeout,
         enable_profiling=args.enable_profiling, enable_contention_profiling=args.enable_contention_profiling,
         frontend_buffer_bytes=args.frontend_buffer_bytes, overflow_wait=args.overflow_wait,
+        frontend_data_bytes=args.frontend_data_bytes,
         flow_control=args.flow_control, stalled_connection_timeout=args.stalled_connection_timeout,
         frontend_header_timeout=args.frontend_header_timeout,
     )

@@ -89,6 +89,7 @@ class ServerConfig:
     enable_contention_profiling: bool = False
     # Our own settings (no reference equivalent).
     frontend_buffer_bytes: int = 4 << 20
+    frontend_data_bytes: int = 256 << 10
     overflow_wait: float = 5.0
     flow_control: bool = True
     stalled_connection_timeout: float = 0.0
@@ -144,6 +145,8 @@ class ServerConfig:
             problems.append("--enable-contention-profiling requires --enable-profiling")
         if self.frontend_buffer_bytes <= 0:
             problems.append("--frontend-buffer-bytes must be positive")
+        if not 1 << 10 <= self.frontend_data_bytes <= (4 << 20) - (1 << 10):
+            problems.append("--frontend-data-bytes must be between 1 KiB and 4 MiB - 1 KiB (a Go client's receive limit)")
         if min(self.token_review_cache_ttl, self.token_review_failure_ttl) < 0 or self.token_review_cache_size <= 0:
             problems.append("--token-review-cache-ttl/--token-review-failure-ttl must not be negative and "
                             "--token-review-cache-size must be positive")

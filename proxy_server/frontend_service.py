@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from proxy_common.errors import MalformedPacket
-from proxy_common.streams import ServerStream, next_outgoing
+from proxy_common.streams import ServerStream, next_outgoing, split_data
 from proxy_common.tasks import first_error, race
 from proxy_server.stream_loops import read_into
 from proxy_server.switchboard import Link, Switchboard
@@ -27,8 +27,10 @@ log = logging.getLogger("proxy_server.frontend")
 
 
 class ProxyServicer:
-    def __init__(self, board: Switchboard) -> None:
+    def __init__(self, board: Switchboard, *, max_data_bytes: int = 256 << 10) -> None:
         self.board = board
+        # DATA toward clients is cut to this size (--frontend-data-bytes): see split_data.
+        self.max_data_bytes = max_data_bytes
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.proxy)
@@ -56,12 +58,14 @@ class ProxyServicer:
     async def _write_loop(self, stream: ServerStream, link: Link) -> None:
         metrics = self.board.metrics
         observe = metrics.frontend_write_duration.observe
-        while (message := await next_outgoing(link.mailbox)) is not None:
-            started = time.perf_counter()
-            try:
-                await stream.send(message)
-            except grpc.aio.BaseError:  # the client went away while we wrote: nothing left to write to
-                metrics.send_failed("to_client", message)
-                return
-            observe(time.perf_counter() - started)
-            metrics.packet("to_client", message)
+        limit = self.max_data_bytes
+        while (queued := await next_outgoing(link.mailbox, limit)) is not None:
+            for message in split_data(queued, limit):
+                started = time.perf_counter()
+                try:
+                    await stream.send(message)
+                except grpc.aio.BaseError:  # the client went away while we wrote: nothing left to write to
+                    metrics.send_failed("to_client", message)
+                    return
+                observe(time.perf_counter() - started)
+                metrics.packet("to_client", message)

@@ -227,3 +227,60 @@ async def test_server_restart_agent_reconnects_and_new_dials_work(stack: Stack) 
         await stack.wait_idle()
     finally:
         stop_process(agent)
+
+
+async def resetting_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Send some bytes, then reset the connection (RST, not FIN) while the client still sends."""
+    import socket
+
+    writer.write(b"x" * 4096)
+    await writer.drain()
+    await reader.read(1)  # the client's first bytes
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("flow_control", [False, True], ids=["plain", "flow"])
+async def test_an_endpoint_reset_ends_only_its_own_connection(stack: Stack, flow_control: bool) -> None:
+    running = await stack.add_agent(flow_control=flow_control)
+    async with endpoint(echo_handler) as echo_ep, endpoint(resetting_handler) as reset_ep:
+        bystander = await open_tunnel(echo_ep.address, uds_path=stack.uds)
+        await bystander.send(b"before")
+        assert await bystander.receive() == b"before"
+        victim = await open_tunnel(reset_ep.address, uds_path=stack.uds)
+        assert await victim.receive()
+        for _ in range(50):  # keep writing into the reset socket
+            try:
+                await victim.send(b"y" * 65536)
+            except TunnelClosed:
+                break
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while await victim.receive():
+                pass
+        await victim.aclose()
+        await bystander.send(b"after")
+        assert await bystander.receive() == b"after"
+        assert not running.task.done(), "the agent must survive an endpoint reset"
+        await bystander.aclose()
+    await stack.wait_idle()
+
+
+async def test_data_toward_clients_is_cut_to_frontend_data_bytes(pki, short_tmp) -> None:
+    stack = await Stack(pki, short_tmp, frontend_data_bytes=32 << 10).start()
+    try:
+        await stack.add_agent(read_chunk_bytes=256 << 10)
+        size = 8 << 20
+        async with endpoint(source_handler(size)) as source:
+            tunnel = await open_tunnel(source.address, uds_path=stack.uds)
+            sizes, digest = [], hashlib.sha256()
+            while chunk := await tunnel.receive():
+                sizes.append(len(chunk))
+                digest.update(chunk)
+            await tunnel.aclose()
+        assert sum(sizes) == size and digest.hexdigest() == expected_sha256(size)
+        assert max(sizes) == 32 << 10, max(sizes)
+        await stack.wait_idle()
+    finally:
+        await stack.stop()

@@ -204,15 +204,15 @@ async def test_agents_follow_servers_appearing_and_disappearing(fleet: Fleet, fa
 async def test_an_expired_lease_stops_counting_without_a_new_list(fleet: Fleet, fake: FakeKube) -> None:
     """Validity is judged when the count is asked for: a Lease that lapses between two lists
     no longer counts, and none valid means a target of 1."""
-    fake.store_lease(NS, planted("konnectivity-proxy-server-x", 30 - 1.0))  # lapses in about 1 s
-    fake.store_lease(NS, planted("konnectivity-proxy-server-y", 30 - 1.0))
+    fake.store_lease(NS, planted("konnectivity-proxy-server-x", 30 - 4.0))  # lapses in about 4 s
+    fake.store_lease(NS, planted("konnectivity-proxy-server-y", 30 - 4.0))
     running = fleet.add_agent("agent-1", 1, lease_list_interval=3600)  # one list only
     await wait_for(lambda: running.agent.lease_counter is not None and running.agent.lease_counter.lists == 1,
                    what="the first list")
     counter = running.agent.lease_counter
     assert counter is not None
     assert running.agent.clients.target_count == 2
-    await wait_for(lambda: counter.count() == 0, what="both Leases lapse", timeout=5)
+    await wait_for(lambda: counter.count() == 0, what="both Leases lapse", timeout=10)
     assert running.agent.clients.target_count == 1
     assert counter.lists == 1
 

