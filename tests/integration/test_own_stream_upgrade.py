@@ -1,0 +1,288 @@
+"""Own streams on demand: connections start on the shared Connect stream and move onto their
+own stream once they have carried `--flow-upgrade-bytes`, without losing or reordering a byte.
+
+Real server and agent over real gRPC; the payloads depend on their position, so a byte
+moved, lost or repeated anywhere changes the digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+
+from proxy_agent.flow import FLOW_METHOD
+from proxy_common import metadata
+from proxy_common.client import Tunnel, open_tunnel
+from proxy_common.messages import CloseRequest, CloseResponse, Data, DialRequest, DialResponse, Message, OwnStream
+from proxy_common.streams import CONNECT_METHOD, ClientStream
+from tests.harness import Stack, agent_metric, echo, echo_handler, endpoint, server_metric, wait_for
+
+pytestmark = pytest.mark.integration
+THRESHOLD = 64 << 10
+BIG = 64 << 20
+PIECE = 64 << 10
+
+
+def pieces(size: int, seed: bytes, piece: int = PIECE) -> list[bytes]:
+    """`size` bytes in pieces that all differ (each depends on its position)."""
+    out = []
+    for index in range(0, size, piece):
+        out.append(hashlib.shake_256(seed + index.to_bytes(8, "big")).digest(min(piece, size - index)))
+    return out
+
+
+def digest_of(parts: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def upgrades(stack: Stack) -> tuple[float, float]:
+    running = stack.agents[0]
+    return (server_metric(stack.server, "own_stream_upgrades_total"), agent_metric(running, "own_stream_upgrades_total"))
+
+
+def on_own_streams(stack: Stack) -> list[bool]:
+    return [e.own_stream for a in stack.agents for s in a.agent.clients.sessions.values() for e in s.endpoints.values()]
+
+
+async def drain(tunnel: Tunnel, limit: int | None = None) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    while (limit is None or size < limit) and (chunk := await tunnel.receive()):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+async def assert_tables_empty(stack: Stack) -> None:
+    await stack.wait_idle()
+    board = stack.server.board
+    await wait_for(lambda: not board.connection_links and not board.frontends, what="server links gone")
+    await wait_for(lambda: not any(s.endpoints for a in stack.agents for s in a.agent.clients.sessions.values()),
+                   what="agent endpoints gone")
+
+
+async def test_small_connections_never_leave_the_shared_stream(stack: Stack) -> None:
+    running = await stack.add_agent()
+    assert all(s.flow_token for s in running.agent.clients.sessions.values()), "flow control was not negotiated"
+    async with endpoint(echo_handler) as ep:
+        for _ in range(3):
+            async with await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+                await echo(tunnel, bytes(range(64)))
+                assert not stack.server.board.connection_links
+                assert on_own_streams(stack) == [False]
+    assert upgrades(stack) == (0, 0)
+    await assert_tables_empty(stack)
+
+
+async def test_zero_threshold_gives_every_connection_its_own_stream_at_once(stack: Stack) -> None:
+    await stack.add_agent(flow_upgrade_bytes=0)
+    async with endpoint(echo_handler) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+        await echo(tunnel, bytes(range(64)))
+        assert len(stack.server.board.connection_links) == 1
+        assert on_own_streams(stack) == [True]
+    assert upgrades(stack) == (0, 0)  # nothing was moved: it started there
+    await assert_tables_empty(stack)
+
+
+@pytest.mark.parametrize("direction", ["down", "up", "both"])
+async def test_big_transfers_move_mid_transfer_and_keep_every_byte_in_order(stack: Stack, direction: str) -> None:
+    await stack.add_agent()
+    down = pieces(BIG, b"down") if direction in ("down", "both") else []
+    up = pieces(BIG, b"up") if direction in ("up", "both") else []
+
+    async def endpoint_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send() -> None:
+            for part in down:
+                writer.write(part)
+                await writer.drain()
+
+        async def receive() -> str:
+            size, digest = 0, hashlib.sha256()
+            while size < BIG and (data := await reader.read(1 << 20)):
+                digest.update(data)
+                size += len(data)
+            return f"{size}:{digest.hexdigest()}"
+
+        sender = asyncio.create_task(send())
+        received = await receive() if up else ""
+        await sender
+        if up:
+            writer.write(received.encode().ljust(128))
+            await writer.drain()
+
+    async with endpoint(endpoint_side) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+
+        async def client_send() -> None:
+            for part in up:
+                await tunnel.send(part)
+
+        async with asyncio.timeout(120):
+            sending = asyncio.create_task(client_send())
+            got = await drain(tunnel, BIG) if down else (0, "")
+            await sending
+            if up:
+                answer = b""
+                while len(answer) < 128:
+                    chunk = await tunnel.receive()
+                    assert chunk, "closed before the endpoint's answer"
+                    answer += chunk
+                assert answer.decode().strip() == f"{BIG}:{digest_of(up)}"
+        if down:
+            assert got == (BIG, digest_of(down))
+        assert on_own_streams(stack) == [True]
+        assert len(stack.server.board.connection_links) == 1
+    assert upgrades(stack) == (1, 1)
+    await assert_tables_empty(stack)
+
+
+async def test_many_small_writes_around_the_threshold_stay_in_order(stack: Stack) -> None:
+    """An echo with 1000 x 1 KiB writes each way, interleaved: the switch happens among them."""
+    await stack.add_agent()
+    parts = pieces(1000 << 10, b"small", 1 << 10)
+    async with endpoint(echo_handler) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+        reader, writer = await tunnel.open_streams()
+
+        async def send() -> None:
+            for part in parts:
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0)
+
+        async with asyncio.timeout(60):
+            sending = asyncio.create_task(send())
+            received = await reader.readexactly(1000 << 10)
+            await sending
+        assert hashlib.sha256(received).hexdigest() == digest_of(parts)
+        writer.close()
+        await writer.wait_closed()
+    assert upgrades(stack) == (1, 1)
+    await assert_tables_empty(stack)
+
+
+@pytest.mark.parametrize("extra", [0, 1, 4096])
+async def test_client_closing_right_at_the_threshold_leaves_nothing_behind(stack: Stack, extra: int) -> None:
+    await stack.add_agent()
+    async with endpoint(echo_handler) as ep:
+        for _ in range(3):
+            tunnel = await open_tunnel(ep.address, uds_path=stack.uds)
+            await tunnel.send(bytes(THRESHOLD // 2 + extra))
+            await tunnel.aclose()  # the echo carries it past the threshold while we close
+    await assert_tables_empty(stack)
+
+
+@pytest.mark.parametrize("sent", [THRESHOLD - 1, THRESHOLD, THRESHOLD + 1, 3 * THRESHOLD])
+async def test_endpoint_closing_right_at_the_threshold_delivers_everything(stack: Stack, sent: int) -> None:
+    await stack.add_agent()
+    parts = pieces(sent, b"close", 4096)
+
+    async def send_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for part in parts:
+            writer.write(part)
+        await writer.drain()
+
+    async with endpoint(send_then_close) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+        async with asyncio.timeout(20):
+            assert await drain(tunnel) == (sent, digest_of(parts))
+    await assert_tables_empty(stack)
+
+
+async def test_agent_stream_lost_mid_switch_cleans_up(stack: Stack) -> None:
+    running = await stack.add_agent()
+    async with endpoint(echo_handler) as ep:
+        tunnel = await open_tunnel(ep.address, uds_path=stack.uds)
+        await tunnel.send(bytes(THRESHOLD))
+        await running.stop()  # the agent and its streams go while the connection is moving
+        async with asyncio.timeout(20):
+            await drain(tunnel)
+        await tunnel.aclose()
+    await wait_for(lambda: stack.server.router.is_empty() and not stack.server.board.connection_links,
+                   what="server tables empty")
+    stack.agents.clear()
+
+
+# ------------------------------------------------------- the server against a raw agent
+@contextlib.asynccontextmanager
+async def raw_flow_agent(stack: Stack) -> AsyncIterator[tuple[grpc.aio.Channel, ClientStream, str]]:
+    """A Connect stream that negotiates flow control, driven packet by packet by the test."""
+    creds = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
+    channel = grpc.aio.secure_channel(f"127.0.0.1:{stack.server.agent_port}", creds)
+    md = [(metadata.AGENT_ID, "raw-agent"), (metadata.FLOW_CONTROL, metadata.FLOW_CONTROL_VERSION)]
+    call = channel.stream_stream(CONNECT_METHOD)(metadata=md)
+    try:
+        async with asyncio.timeout(5):
+            headers = await call.initial_metadata()
+        token = metadata.single(headers, metadata.SESSION)
+        assert token
+        yield channel, ClientStream(call), token
+    finally:
+        call.cancel()
+        await channel.close()
+
+
+async def receive(stream: ClientStream) -> Message:
+    async with asyncio.timeout(5):
+        return await stream.receive()
+
+
+async def dial_through(stack: Stack, shared: ClientStream) -> Tunnel:
+    opening = asyncio.create_task(open_tunnel("10.0.0.5:443", uds_path=stack.uds))
+    request = await receive(shared)
+    assert type(request) is DialRequest
+    await shared.send(DialResponse(request.dial_id, conn_id=1))
+    async with asyncio.timeout(5):
+        return await opening
+
+
+async def test_server_closes_a_connection_whose_own_stream_never_comes(stack: Stack) -> None:
+    stack.server.board.own_stream_wait = 0.5
+    async with raw_flow_agent(stack) as (_channel, shared, _token):
+        await wait_for(lambda: stack.server.registry.is_ready(), what="agent registered")
+        tunnel = await dial_through(stack, shared)
+        await shared.send(OwnStream(1))
+        assert await receive(shared) == OwnStream(1)  # the server switched its side
+        assert await receive(shared) == CloseRequest(1)  # ... and gave up waiting for the stream
+        async with asyncio.timeout(5):
+            assert await tunnel.receive() == b""
+        await tunnel.aclose()
+        await wait_for(lambda: stack.server.router.is_empty() and not stack.server.board.connection_links,
+                       what="server tables empty")
+    assert server_metric(stack.server, "own_stream_upgrades_total") == 1
+
+
+async def test_own_stream_arriving_before_the_marker_waits_for_it(stack: Stack) -> None:
+    async with raw_flow_agent(stack) as (channel, shared, token):
+        await wait_for(lambda: stack.server.registry.is_ready(), what="agent registered")
+        tunnel = await dial_through(stack, shared)
+        own_call = channel.stream_stream(FLOW_METHOD)(metadata=((metadata.SESSION, token),))
+        own = ClientStream(own_call)
+        try:
+            await own.send(OwnStream(1))
+            await own.send(Data(1, b"second"))
+            await asyncio.sleep(0.2)  # give a server that read it too early the time to forward it
+            await shared.send(Data(1, b"first"))
+            await shared.send(OwnStream(1))
+            received = b""
+            async with asyncio.timeout(5):
+                while len(received) < len(b"firstsecond"):
+                    received += await tunnel.receive()
+            assert received == b"firstsecond"
+            assert await receive(shared) == OwnStream(1)
+            await tunnel.send(b"down")
+            assert await receive(own) == Data(1, b"down")  # after the switch: on the own stream only
+            await own.send(CloseResponse(1))
+            async with asyncio.timeout(5):
+                assert await tunnel.receive() == b""
+            await tunnel.aclose()
+            await own_call.done_writing()
+            await wait_for(lambda: stack.server.router.is_empty() and not stack.server.board.connection_links,
+                           what="server tables empty")
+        finally:
+            own_call.cancel()
