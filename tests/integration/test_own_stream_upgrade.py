@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -18,10 +19,23 @@ import pytest
 
 from proxy_agent.flow import FLOW_METHOD
 from proxy_common import metadata
+from proxy_common.certs import DemoPki
 from proxy_common.client import Tunnel, open_tunnel
+from proxy_common.errors import TunnelClosed
 from proxy_common.messages import CloseRequest, CloseResponse, Data, DialRequest, DialResponse, Message, OwnStream
-from proxy_common.streams import CONNECT_METHOD, ClientStream
-from tests.harness import Stack, agent_metric, echo, echo_handler, endpoint, server_metric, wait_for
+from proxy_common.streams import CONNECT_METHOD, ClientStream, ServerStream
+from tests.harness import (
+    RunningAgent,
+    Stack,
+    agent_config,
+    agent_metric,
+    agent_service_server,
+    echo,
+    echo_handler,
+    endpoint,
+    server_metric,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 THRESHOLD = 64 << 10
@@ -298,3 +312,122 @@ async def test_own_stream_arriving_before_the_marker_waits_for_it(stack: Stack) 
                            what="server tables empty")
         finally:
             own_call.cancel()
+
+
+# ------------------------------------------------------- the agent against a scripted server
+class ScriptedFlowServer:
+    """Offers flow control on Connect and serves ConnectionService; the test drives both."""
+
+    def __init__(self, pki: DemoPki) -> None:
+        self.shared_in: asyncio.Queue[Message] = asyncio.Queue()
+        self.shared_out: asyncio.Queue[Message] = asyncio.Queue()
+        self.own_in: asyncio.Queue[Message] = asyncio.Queue()
+        self.own_ended = asyncio.Event()
+        self.server, self.port = agent_service_server(pki, self._connect)
+        own = grpc.stream_stream_rpc_method_handler(self._own)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(FLOW_METHOD.split("/")[1], {"Stream": own}),)
+        )
+
+    async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.send_initial_metadata((
+            (metadata.SERVER_ID, "scripted"), (metadata.SERVER_COUNT, "1"),
+            (metadata.FLOW_CONTROL, metadata.FLOW_CONTROL_VERSION), (metadata.SESSION, "token"),
+        ))
+        await self._pump(ServerStream(context), self.shared_in, self.shared_out)
+
+    async def _own(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        assert metadata.single(context.invocation_metadata(), metadata.SESSION) == "token"
+        try:
+            await self._pump(ServerStream(context), self.own_in, None)
+        finally:
+            self.own_ended.set()
+
+    @staticmethod
+    async def _pump(stream: ServerStream, inbound: asyncio.Queue[Message], outbound: asyncio.Queue[Message] | None) -> None:
+        async def send() -> None:
+            while outbound is not None:
+                await stream.send(await outbound.get())
+
+        sender = asyncio.create_task(send())
+        try:
+            while True:
+                try:
+                    await inbound.put(await stream.receive())
+                except TunnelClosed:
+                    return
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+
+async def next_of(queue: asyncio.Queue[Message]) -> Message:
+    async with asyncio.timeout(5):
+        return await queue.get()
+
+
+async def test_agent_close_request_before_the_servers_marker_flushes_then_closes_on_the_own_stream(pki: DemoPki) -> None:
+    script = ScriptedFlowServer(pki)
+    await script.server.start()
+    received = bytearray()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1 << 16):
+            received.extend(data)
+
+    running = RunningAgent(agent_config(pki, script.port))
+    try:
+        async with endpoint(sink) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            response = await next_of(script.shared_in)
+            assert type(response) is DialResponse and response.conn_id and not response.error
+            conn = response.conn_id
+            payload = pieces(THRESHOLD, b"before-close", 4096)
+            for part in payload:  # past the threshold: the agent moves the connection
+                await script.shared_out.put(Data(conn, part))
+            assert await next_of(script.shared_in) == OwnStream(conn)  # its marker on the shared stream
+            assert await next_of(script.own_in) == OwnStream(conn)  # and first on the own stream
+            # The frontend closes before our marker goes back: CLOSE_REQ on the shared stream.
+            await script.shared_out.put(CloseRequest(conn))
+            await script.shared_out.put(OwnStream(conn))
+            assert await next_of(script.own_in) == CloseResponse(conn)  # on the own stream, not the shared one
+            async with asyncio.timeout(5):
+                await script.own_ended.wait()
+            await wait_for(lambda: running.connection_count() == 0 and ep.open_connections == 0, what="agent closed it")
+            assert bytes(received) == b"".join(payload)
+            assert script.shared_in.empty()
+            assert agent_metric(running, "own_stream_upgrades_total") == 1
+    finally:
+        await running.stop()
+        await script.server.stop(0)
+
+
+async def test_agent_endpoint_closing_during_the_switch_closes_on_the_own_stream(pki: DemoPki) -> None:
+    script = ScriptedFlowServer(pki)
+    await script.server.start()
+
+    async def read_threshold_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(THRESHOLD)
+
+    running = RunningAgent(agent_config(pki, script.port))
+    try:
+        async with endpoint(read_threshold_then_close) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            response = await next_of(script.shared_in)
+            assert type(response) is DialResponse and response.conn_id
+            conn = response.conn_id
+            await script.shared_out.put(Data(conn, bytes(THRESHOLD)))
+            assert await next_of(script.shared_in) == OwnStream(conn)
+            assert await next_of(script.own_in) == OwnStream(conn)
+            # The endpoint is gone before the server's marker came back: the close goes after the marker.
+            assert await next_of(script.own_in) == CloseResponse(conn)
+            async with asyncio.timeout(5):
+                await script.own_ended.wait()
+            await wait_for(lambda: running.connection_count() == 0, what="agent table empty")
+            assert script.shared_in.empty()
+    finally:
+        await running.stop()
+        await script.server.stop(0)
