@@ -15,7 +15,9 @@ if the bytes came from the server) and `flow.continue_on_own_stream` carries the
 Backpressure: endpoint readers await room in the stream's mailbox (the server's reading
 pace limits how fast we read endpoints). DATA from the server waits at most
 `overflow_wait` for room in that connection's inbox; past that only that connection is
-closed, so a stalled endpoint cannot hold the stream's reader for longer.
+closed, so a stalled endpoint cannot hold the stream's reader for longer. A connection
+moving onto its own stream never waits here: what still reaches it on the shared stream is
+what the server queued before it read our marker, and is queued past the inbox's cap.
 """
 
 from __future__ import annotations
@@ -200,6 +202,11 @@ class Session:
         if endpoint is None:
             return
         if self.upgrade_bytes:
+            if endpoint.own_stream:
+                # Moving onto its own stream: what still comes here is bounded by what the server
+                # queued before it met our marker, so it never holds up the shared stream.
+                endpoint.inbox.force(action.data)
+                return
             endpoint.carried += len(action.data)
             if endpoint.up_reading and not endpoint.woken and endpoint.carried >= self.upgrade_bytes:
                 endpoint.woken = True  # the up pump waits in a read: let it switch now

@@ -431,3 +431,56 @@ async def test_agent_endpoint_closing_during_the_switch_closes_on_the_own_stream
     finally:
         await running.stop()
         await script.server.stop(0)
+
+
+async def test_an_endpoint_that_stops_reading_mid_switch_slows_only_itself(stack: Stack) -> None:
+    """The client uploads to an endpoint that reads nothing for a while: its connection moves
+    onto its own stream and stalls there, the others carry on, and nothing is lost."""
+    await stack.add_agent()
+    release = asyncio.Event()
+    upload = pieces(64 << 20, b"stalled-up")
+
+    async def late_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        size, digest = 0, hashlib.sha256()
+        while size < len(upload) * PIECE and (data := await reader.read(1 << 20)):
+            digest.update(data)
+            size += len(data)
+        writer.write(digest.hexdigest().encode())
+        await writer.drain()
+
+    async with endpoint(late_reader) as slow, endpoint(echo_handler) as fast:
+        stalled = await open_tunnel(slow.address, uds_path=stack.uds)
+
+        async def push() -> None:
+            for part in upload:
+                await stalled.send(part)
+
+        pushing = asyncio.create_task(push())
+        try:
+            await wait_for(lambda: upgrades(stack) == (1, 1), what="the stalled connection moved")
+            async with asyncio.timeout(30):
+                for _ in range(8):
+                    async with await open_tunnel(fast.address, uds_path=stack.uds) as tunnel:
+                        await echo(tunnel, bytes(THRESHOLD * 2))
+            assert not pushing.done(), "the upload finished although its endpoint read nothing"
+            # Held back by the windows and capped buffers, not queued without bound.
+            assert stack.agents[0].agent.clients.buffered_bytes() <= (4 << 20) + (256 << 10)
+            assert stack.server.board.buffered_bytes() <= 2 * ((4 << 20) + (256 << 10))
+            release.set()
+            async with asyncio.timeout(30):
+                await pushing
+                answer = b""
+                while len(answer) < 64:
+                    chunk = await stalled.receive()
+                    assert chunk
+                    answer += chunk
+            assert answer.decode() == digest_of(upload)
+        finally:
+            pushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pushing
+            await stalled.aclose()
+    assert stack.server.metrics.overflow_closes._value.get() == 0
+    assert agent_metric(stack.agents[0], "closed_endpoint_connections_total", reason="overflow") == 0
+    await assert_tables_empty(stack)
