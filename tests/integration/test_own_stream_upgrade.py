@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from proxy_agent import debug as agent_debug
 from proxy_agent.flow import FLOW_METHOD
 from proxy_common import metadata
 from proxy_common.certs import DemoPki
@@ -24,6 +25,7 @@ from proxy_common.client import Tunnel, open_tunnel
 from proxy_common.errors import TunnelClosed
 from proxy_common.messages import CloseRequest, CloseResponse, Data, DialRequest, DialResponse, Message, OwnStream
 from proxy_common.streams import CONNECT_METHOD, ClientStream, ServerStream
+from proxy_server import debug as server_debug
 from tests.harness import (
     RunningAgent,
     Stack,
@@ -67,6 +69,13 @@ def on_own_streams(stack: Stack) -> list[bool]:
     return [e.own_stream for a in stack.agents for s in a.agent.clients.sessions.values() for e in s.endpoints.values()]
 
 
+def debug_own_streams(stack: Stack) -> tuple[list[bool], list[bool]]:
+    """The `own_stream` fields of the server's and the agents' /debug/connections rows."""
+    server = [row["own_stream"] for row in server_debug.connections(stack.server.board) if row["frontend_id"]]
+    agents = [row["own_stream"] for a in stack.agents for row in agent_debug.connections(a.agent.clients)]
+    return server, agents
+
+
 async def drain(tunnel: Tunnel, limit: int | None = None) -> tuple[int, str]:
     digest, size = hashlib.sha256(), 0
     while (limit is None or size < limit) and (chunk := await tunnel.receive()):
@@ -92,6 +101,7 @@ async def test_small_connections_never_leave_the_shared_stream(stack: Stack) -> 
                 await echo(tunnel, bytes(range(64)))
                 assert not stack.server.board.connection_links
                 assert on_own_streams(stack) == [False]
+                assert debug_own_streams(stack) == ([False], [False])
     assert upgrades(stack) == (0, 0)
     await assert_tables_empty(stack)
 
@@ -102,6 +112,7 @@ async def test_zero_threshold_gives_every_connection_its_own_stream_at_once(stac
         await echo(tunnel, bytes(range(64)))
         assert len(stack.server.board.connection_links) == 1
         assert on_own_streams(stack) == [True]
+        assert debug_own_streams(stack) == ([True], [True])
     assert upgrades(stack) == (0, 0)  # nothing was moved: it started there
     await assert_tables_empty(stack)
 
