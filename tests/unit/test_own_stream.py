@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from proxy_agent import cli as agent_cli
 from proxy_agent.connections import (
     CloseEndpoint,
     ConnectionTable,
@@ -159,3 +162,15 @@ def test_own_stream_that_never_comes_closes_the_connection_both_ways() -> None:
     assert router.backend_load(A) == (0, 0)
     router.frontend_lost(FE)
     assert router.is_empty()
+
+
+# ------------------------------------------------------------------------------- flag
+def test_flow_upgrade_bytes_flag_parses_and_is_bounded(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca"
+    ca.write_text("x")
+    assert agent_cli.parse([f"--ca-cert={ca}"])[0].flow_upgrade_bytes == 64 << 10
+    assert agent_cli.parse([f"--ca-cert={ca}", "--flow-upgrade-bytes=0"])[0].flow_upgrade_bytes == 0
+    for bad in ("-1", str(8 << 20)):
+        with pytest.raises(SystemExit):
+            agent_cli.parse([f"--ca-cert={ca}", f"--flow-upgrade-bytes={bad}"])
+        assert "--flow-upgrade-bytes must be between 0 and --endpoint-buffer-bytes" in capsys.readouterr().err
