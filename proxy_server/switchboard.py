@@ -159,6 +159,10 @@ class Switchboard:
                 return await waiter
         except TimeoutError:
             return None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self._own_stream_missing(backend_id, conn_id)  # handed over, but nobody carries it now
+            raise
         finally:
             if self._claimers.get(key) is waiter:
                 del self._claimers[key]
