@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how long a full endpoint buffer may hold the server stream before that connection is closed")
     flags.add_bool(ep, "--flow-control", d.flow_control,
                    "use one stream per connection with servers that offer it, so a slow reader slows only itself (default true)")
+    ep.add_argument("--flow-upgrade-bytes", type=int, default=d.flow_upgrade_bytes,
+                    help="with flow control, move a connection onto its own stream once it has carried this many bytes "
+                         "(default 64 KiB; 0 = from the dial on)")
     ls = p.add_argument_group("server counting")
     flags.add_bool(ls, "--count-server-leases", d.count_server_leases, "count servers from Leases")
     ls.add_argument("--lease-namespace", default=d.lease_namespace, help="namespace of the server Leases")
@@ -93,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         dial_timeout=args.dial_timeout, read_chunk_bytes=args.read_chunk_bytes,
         endpoint_buffer_bytes=args.endpoint_buffer_bytes, overflow_wait=args.overflow_wait,
         drain_grace=args.drain_grace, connect_timeout=args.connect_timeout,
-        flow_control=args.flow_control,
+        flow_control=args.flow_control, flow_upgrade_bytes=args.flow_upgrade_bytes,
     )
 
 

@@ -58,6 +58,9 @@ class AgentConfig:
     drain_grace: float = 25.0
     connect_timeout: float = 10.0
     flow_control: bool = True
+    # With flow control: a connection moves onto its own stream once it has carried this many
+    # bytes (both directions together); 0 = its own stream from the dial on.
+    flow_upgrade_bytes: int = 64 << 10
     lease_list_interval: float = 5.0
     lease_api_timeout: float = 10.0
 
@@ -105,6 +108,8 @@ class AgentConfig:
             problems.append("--server-count-source must be default or max")
         if self.read_chunk_bytes < 4096 or self.read_chunk_bytes > (4 << 20) - 1024:
             problems.append("--read-chunk-bytes must be between 4096 and just under 4 MiB")
+        if self.flow_upgrade_bytes < 0 or self.flow_upgrade_bytes > self.endpoint_buffer_bytes:
+            problems.append("--flow-upgrade-bytes must be between 0 and --endpoint-buffer-bytes")
         if self.drain_grace < 0:
             problems.append("--drain-grace must not be negative (0 waits for a second signal)")
         if problems:

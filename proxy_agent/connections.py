@@ -16,6 +16,14 @@ error and nothing is dialed, while the open connections carry on: the reference 
 dialing, but the server only sends a draining agent a dial when it has no other agent,
 and a clear refusal then beats a connection cut short by the agent's exit.
 
+Own streams, upgraded on demand (per-connection flow control, `--flow-upgrade-bytes`): an
+OPEN connection that has carried enough bytes is moved onto its own stream. The shell calls
+`own_stream_started()`, which makes it SWITCHING and returns the marker to queue on the
+shared stream after every packet of the connection already queued there (from then on its
+packets to the server, CLOSE_RSP included, go on the own stream: `SendOwn`). The server's
+marker back (`OwnStream` read from the shared stream) makes it OWN and yields `SwitchDown`:
+once the endpoint's inbox is written out, the own stream carries the rest toward the endpoint.
+
 Messages naming a conn_id we do not hold are answered on the wire with the reference's
 strings ("unrecognized connectID" for DATA, "Unknown connectID" for CLOSE_REQ), never
 raised: one confused peer must not take down the other connections on the stream.
@@ -34,6 +42,7 @@ from proxy_common.messages import (
     DialRequest,
     DialResponse,
     Message,
+    OwnStream,
 )
 
 UNRECOGNIZED_CONN_ERROR = "unrecognized connectID"
@@ -44,6 +53,11 @@ DRAINING_ERROR = "agent is draining: not accepting new connections"
 class ConnState(enum.Enum):
     DIALING = enum.auto()
     OPEN = enum.auto()
+    SWITCHING = enum.auto()  # moving onto its own stream: our marker sent, the server's not yet back
+    OWN = enum.auto()  # on its own stream both ways
+
+
+_LIVE = (ConnState.OPEN, ConnState.SWITCHING, ConnState.OWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +93,20 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class SendOwn:
+    """Send on the connection's own stream (it has left the shared stream)."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchDown:
+    """The server's marker arrived: after what is queued for the endpoint, read the own stream."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Discard:
     message: Message
     reason: str
@@ -92,7 +120,7 @@ class DialRefused:
     address: str
 
 
-Action = StartDial | WriteEndpoint | CloseEndpoint | CancelDial | Send | Discard | DialRefused
+Action = StartDial | WriteEndpoint | CloseEndpoint | CancelDial | Send | SendOwn | SwitchDown | Discard | DialRefused
 
 
 @dataclass(slots=True)
@@ -120,13 +148,13 @@ class ConnectionTable:
         return conn.state if conn else None
 
     def open_conn_ids(self) -> list[int]:
-        return [cid for cid, conn in self._conns.items() if conn.state is ConnState.OPEN]
+        return [cid for cid, conn in self._conns.items() if conn.state in _LIVE]
 
     def receive(self, message: Message) -> list[Action]:
         """Decide what to do with one message read from the server stream."""
         if type(message) is Data:  # the hot path, kept short
             conn = self._conns.get(message.conn_id)
-            if conn is not None and conn.state is ConnState.OPEN:
+            if conn is not None and conn.state in _LIVE:
                 return [WriteEndpoint(message.conn_id, message.data)]
             if not message.conn_id:
                 return [Discard(message, "DATA without conn_id")]
@@ -136,11 +164,17 @@ class ConnectionTable:
                 return self._start_dial(message)
             case CloseRequest(conn_id=conn_id):
                 conn = self._conns.get(conn_id)
-                if conn is None or conn.state is not ConnState.OPEN:
+                if conn is None or conn.state not in _LIVE:
                     return [Send(CloseResponse(conn_id, UNKNOWN_CONN_ERROR))]
                 return [CloseEndpoint(conn_id)]
             case CloseDial(dial_id=dial_id):
                 return self._cancel_dial(dial_id)
+            case OwnStream(conn_id=conn_id):
+                conn = self._conns.get(conn_id)
+                if conn is None or conn.state is not ConnState.SWITCHING:
+                    return [Discard(message, "no switch to an own stream in progress")]
+                conn.state = ConnState.OWN
+                return [SwitchDown(conn_id)]
             case _:
                 return [Discard(message, "not sent by a proxy server")]
 
@@ -151,6 +185,19 @@ class ConnectionTable:
         conn.state = ConnState.OPEN
         del self._dialing[conn.dial_id]
         return [Send(DialResponse(conn.dial_id, conn_id=conn_id))]
+
+    def own_stream_started(self, conn_id: int) -> list[Action]:
+        """The shell opened the connection's own stream: the marker for the shared stream."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.state is not ConnState.OPEN:
+            return []
+        conn.state = ConnState.SWITCHING
+        return [Send(OwnStream(conn_id))]
+
+    def on_own_stream(self, conn_id: int) -> bool:
+        """Whether the connection's packets to the server go on its own stream."""
+        conn = self._conns.get(conn_id)
+        return conn is not None and conn.state in (ConnState.SWITCHING, ConnState.OWN)
 
     def dial_failed(self, conn_id: int, error: str) -> list[Action]:
         conn = self._conns.get(conn_id)
@@ -163,14 +210,16 @@ class ConnectionTable:
     def endpoint_closed(self, conn_id: int) -> list[Action]:
         """The endpoint socket is gone: EOF, reset, or a close we asked for finished."""
         conn = self._conns.get(conn_id)
-        if conn is None or conn.state is not ConnState.OPEN:
+        if conn is None or conn.state not in _LIVE:
             return []
         del self._conns[conn_id]
-        return [Send(CloseResponse(conn_id))]
+        if conn.state is ConnState.OPEN:
+            return [Send(CloseResponse(conn_id))]
+        return [SendOwn(CloseResponse(conn_id))]
 
     def inbox_overflowed(self, conn_id: int) -> list[Action]:
         """The endpoint stopped reading past the bounded wait: close only it."""
-        if self.state(conn_id) is not ConnState.OPEN:
+        if self.state(conn_id) not in _LIVE:
             return []
         return [CloseEndpoint(conn_id)]
 

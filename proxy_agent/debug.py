@@ -54,7 +54,7 @@ def connections(clients: ClientSet, now: float | None = None) -> list[dict[str, 
             if endpoint.inbox.closed:
                 label = "closing"
             else:
-                label = "dialing" if state is ConnState.DIALING else "open" if state is ConnState.OPEN else "closing"
+                label = "dialing" if state is ConnState.DIALING else "open" if state in (ConnState.OPEN, ConnState.SWITCHING, ConnState.OWN) else "closing"
             rows.append({
                 "server_id": server_id,
                 "conn_id": conn_id,
@@ -63,6 +63,7 @@ def connections(clients: ClientSet, now: float | None = None) -> list[dict[str, 
                 "age_seconds": round(now - endpoint.opened, 3),
                 "bytes_to_endpoint": endpoint.bytes_in,
                 "bytes_from_endpoint": endpoint.bytes_out,
+                "own_stream": endpoint.own_stream,
             })
     return rows
 

@@ -8,6 +8,15 @@ awaits: a read from the endpoint waits for this stream's HTTP/2 window, and a wr
 endpoint waits for the socket to drain, so a stalled reader at either end stops only this
 connection, and nothing is buffered beyond the socket and HTTP/2 windows.
 
+With `--flow-upgrade-bytes` above 0 a connection starts on the shared Connect stream and is
+moved here once it has carried that many bytes (`continue_on_own_stream`). Order across the
+switch: the own stream's first packet is an `OwnStream` marker, and the same marker is
+queued on the shared stream after every packet of the connection already queued there;
+the server reads nothing from the own stream before it met that marker, and answers with
+its own marker on the shared stream, after which it sends the connection's packets only
+on the own stream. Toward the endpoint we first write out what the shared stream brought
+(the endpoint's inbox, up to the server's marker), then what the own stream brings.
+
 A pending grpc.aio read must never be cancelled while the stream is still wanted (that
 cancels the RPC), so the task reading the stream is only cancelled once we are done with it.
 """
@@ -23,7 +32,7 @@ import grpc.aio
 from proxy_agent import connections as c
 from proxy_common import metadata
 from proxy_common.errors import MalformedPacket, TunnelBroken, TunnelClosed
-from proxy_common.messages import Data, Message, packet_type_name
+from proxy_common.messages import Data, Message, OwnStream, packet_type_name
 from proxy_common.metrics import go_code_name
 from proxy_common.streams import ClientStream
 
@@ -33,6 +42,7 @@ if TYPE_CHECKING:
 FLOW_METHOD = "/konnectivity_py.flow.v1.ConnectionService/Stream"
 STREAM_ERRORS = (TunnelClosed, TunnelBroken, MalformedPacket, ConnectionError, OSError)
 GOODBYE_SECONDS = 2.0
+CLOSE_FLUSH_SECONDS = 5.0
 
 
 async def serve_on_own_stream(
@@ -57,6 +67,64 @@ async def serve_on_own_stream(
     finally:
         writer.transport.abort()
         await _say_goodbye(session, conn_id, stream, down_task)
+
+
+async def continue_on_own_stream(
+    session: Session, endpoint: _Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Move an open connection from the shared stream onto its own stream and carry it there.
+
+    The caller's up pump has stopped: every packet it read is queued on the shared stream,
+    except `endpoint.pending_up`, which goes first on the own stream."""
+    assert session.channel is not None and session.flow_token is not None
+    conn_id = endpoint.conn_id
+    marker = session.table.own_stream_started(conn_id)
+    if not marker:
+        return  # no longer open
+    call = session.channel.stream_stream(FLOW_METHOD)(metadata=((metadata.SESSION, session.flow_token),))
+    stream = ClientStream(call)
+    for action in marker:
+        assert isinstance(action, c.Send)
+        session.outbox.force(action.message)  # after every packet of it queued on the shared stream
+    endpoint.own_stream = True
+    session.metrics.own_stream_upgrades.inc()
+    down_task: asyncio.Task[None] | None = None
+    try:
+        await _send(session, stream, OwnStream(conn_id))
+        if endpoint.pending_up:
+            await _send(session, stream, Data(conn_id, endpoint.pending_up))
+            endpoint.pending_up = None
+        down_task = asyncio.create_task(
+            _down_after_switch(session, endpoint, stream, writer), name=f"conn-stream-reader conn_id={conn_id}"
+        )
+        await _up_until_either_ends(session, endpoint, stream, reader, down_task)
+    except STREAM_ERRORS:
+        pass
+    finally:
+        writer.transport.abort()
+        await _say_goodbye(session, conn_id, stream, down_task)
+
+
+async def _down_after_switch(
+    session: Session, endpoint: _Endpoint, stream: ClientStream, writer: asyncio.StreamWriter
+) -> None:
+    """Write out what the shared stream brought until the server's marker, then read this stream.
+    The inbox ends early (closed) when a close request or an overflow came on the shared stream."""
+    inbox = endpoint.inbox
+    async with asyncio.timeout(None) as deadline:
+        endpoint.deadline = deadline  # a close request bounds the flush, as in plain mode
+        if inbox.closed:
+            deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
+        while (chunk := await inbox.get()) is not None:
+            if not chunk:
+                break  # the server's marker: the rest comes on the own stream
+            endpoint.bytes_in += len(chunk)
+            writer.write(chunk)
+            await writer.drain()
+        else:
+            return
+        endpoint.deadline = None
+    await _down(session, endpoint, stream, writer)
 
 
 async def _up_until_either_ends(
@@ -126,7 +194,7 @@ async def _say_goodbye(session: Session, conn_id: int, stream: ClientStream, dow
         with contextlib.suppress(*STREAM_ERRORS, TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError):
             async with asyncio.timeout(GOODBYE_SECONDS):
                 for action in session.table.endpoint_closed(conn_id):
-                    if isinstance(action, c.Send):
+                    if isinstance(action, (c.Send, c.SendOwn)):
                         await _send(session, stream, action.message)
                 await call.done_writing()
                 if down_task is not None and not down_task.done():

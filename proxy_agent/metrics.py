@@ -65,6 +65,11 @@ class AgentMetrics(BinaryMetrics):
             PREFIX + "refused_dials_total", "Dial requests refused without dialing because the agent is draining.",
             registry=reg,
         )
+        self.own_stream_upgrades = Counter(
+            PREFIX + "own_stream_upgrades_total",
+            "Connections moved from the shared stream onto their own stream (per-connection flow control).",
+            registry=reg,
+        )
         self._add_process_families()
         self.known_server_count.set(1)
 

@@ -7,10 +7,17 @@ session's TaskGroup, so nothing outlives the session.
 Ordering: the DIAL_RSP of a connection is queued before any of its DATA, and its CLOSE_RSP
 after all of it, because every message for the server goes through the one FIFO mailbox.
 
+Own streams on demand (flow control negotiated, `flow_upgrade_bytes` > 0): a connection
+starts here like in plain mode; once it has carried `flow_upgrade_bytes` (read from the
+endpoint plus received for it) its up pump stops at a packet boundary (woken from its read
+if the bytes came from the server) and `flow.continue_on_own_stream` carries the rest.
+
 Backpressure: endpoint readers await room in the stream's mailbox (the server's reading
 pace limits how fast we read endpoints). DATA from the server waits at most
 `overflow_wait` for room in that connection's inbox; past that only that connection is
-closed, so a stalled endpoint cannot hold the stream's reader for longer.
+closed, so a stalled endpoint cannot hold the stream's reader for longer. A connection
+moving onto its own stream never waits here: what still reaches it on the shared stream is
+what the server queued before it read our marker, and is queued past the inbox's cap.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import grpc.aio
 from proxy_agent import connections as c
 from proxy_agent.config import AgentConfig
 from proxy_agent.dialer import open_tcp
-from proxy_agent.flow import serve_on_own_stream
+from proxy_agent.flow import continue_on_own_stream, serve_on_own_stream
 from proxy_agent.metrics import AgentMetrics
 from proxy_common.errors import DialError, MalformedPacket, TunnelBroken, TunnelClosed
 from proxy_common.mailbox import Mailbox, MailboxClosed
@@ -54,6 +61,14 @@ class _Endpoint:
     bytes_in: int = 0
     bytes_out: int = 0
     close_reason: str = ""
+    # Own stream on demand: bytes counted toward the threshold, and the up pump's hand-over.
+    carried: int = 0
+    up_task: asyncio.Task[None] | None = None
+    up_reading: bool = False
+    woken: bool = False
+    switching: bool = False
+    pending_up: bytes | None = None
+    own_stream: bool = False
 
 
 class Session:
@@ -74,6 +89,7 @@ class Session:
         # Per-connection streams (proto/flow.proto) when the server offered them.
         self.channel = channel
         self.flow_token = flow_token
+        self.upgrade_bytes = config.flow_upgrade_bytes if flow_token is not None else 0
         self.table = c.ConnectionTable()
         self.outbox: Mailbox[Message] = Mailbox(config.endpoint_buffer_bytes, message_size)
         self.endpoints: dict[int, _Endpoint] = {}
@@ -153,6 +169,10 @@ class Session:
                     endpoint.task.cancel()
             case c.Send(message=message):
                 self._send(message)
+            case c.SwitchDown(conn_id=conn_id):
+                endpoint = self.endpoints.get(conn_id)
+                if endpoint is not None:
+                    endpoint.inbox.force(b"")  # the end of what the shared stream carries for it
             case c.Discard(message=message, reason=reason):
                 log.debug("packet ignored message=%r reason=%s", message, reason)
             case c.DialRefused(dial_id=dial_id, address=address):
@@ -169,6 +189,8 @@ class Session:
                     self._send(message)
                 case c.CloseEndpoint(conn_id=conn_id):
                     self._close_endpoint(conn_id)
+                case c.SendOwn(message=message):
+                    log.debug("own stream gone, not sent message=%r", message)
                 case _:
                     raise AssertionError(f"unexpected action {action!r}")
 
@@ -179,6 +201,17 @@ class Session:
         endpoint = self.endpoints.get(action.conn_id)
         if endpoint is None:
             return
+        if self.upgrade_bytes:
+            if endpoint.own_stream:
+                # Moving onto its own stream: what still comes here is bounded by what the server
+                # queued before it met our marker, so it never holds up the shared stream.
+                endpoint.inbox.force(action.data)
+                return
+            endpoint.carried += len(action.data)
+            if endpoint.up_reading and not endpoint.woken and endpoint.carried >= self.upgrade_bytes:
+                endpoint.woken = True  # the up pump waits in a read: let it switch now
+                assert endpoint.up_task is not None
+                endpoint.up_task.cancel()
         try:
             if await endpoint.inbox.put_within(action.data, self.config.overflow_wait):
                 return
@@ -244,7 +277,8 @@ class Session:
         self.metrics.open_endpoint_connections.inc()
         log.debug("endpoint connected conn_id=%d address=%s", conn_id, endpoint.address)
         try:
-            if self.flow_token is not None:
+            if self.flow_token is not None and not self.upgrade_bytes:
+                endpoint.own_stream = True
                 await serve_on_own_stream(self, endpoint, reader, writer)
                 return
             self._apply(self.table.dial_succeeded(conn_id))
@@ -253,6 +287,9 @@ class Session:
                 if endpoint.inbox.closed:  # a close arrived while we dialed
                     deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
                 await race(self._endpoint_to_server(endpoint, reader), self._server_to_endpoint(endpoint, writer))
+                endpoint.deadline = None
+            if endpoint.switching:
+                await continue_on_own_stream(self, endpoint, reader, writer)
         except* TimeoutError:  # the bounded flush after a close ran out
             log.debug("endpoint connection ended conn_id=%d reason=flush timeout", conn_id)
         except* OSError as group:
@@ -267,6 +304,9 @@ class Session:
             log.debug("endpoint closed conn_id=%d reason=%s in=%d out=%d", conn_id, reason, endpoint.bytes_in, endpoint.bytes_out)
 
     async def _endpoint_to_server(self, endpoint: _Endpoint, reader: asyncio.StreamReader) -> None:
+        if self.upgrade_bytes:
+            await self._endpoint_to_server_until_upgrade(endpoint, reader)
+            return
         chunk_size, conn_id = self.config.read_chunk_bytes, endpoint.conn_id
         put = self.outbox.put
         try:
@@ -278,6 +318,40 @@ class Session:
         except OSError as exc:  # reset by the endpoint: this connection ends, nothing else
             endpoint.close_reason = endpoint.close_reason or "error"
             log.debug("endpoint read failed conn_id=%d error=%r", conn_id, exc)
+
+    async def _endpoint_to_server_until_upgrade(self, endpoint: _Endpoint, reader: asyncio.StreamReader) -> None:
+        """The up pump while the connection may still move onto its own stream. It returns with
+        `endpoint.switching` set once the threshold is reached, at a point where every packet it
+        read is queued on the shared stream except `pending_up` (which goes on the own stream)."""
+        chunk_size, conn_id, threshold = self.config.read_chunk_bytes, endpoint.conn_id, self.upgrade_bytes
+        task = endpoint.up_task = asyncio.current_task()
+        assert task is not None
+        try:
+            while endpoint.carried < threshold or endpoint.inbox.closed:
+                endpoint.up_reading = True
+                try:
+                    chunk = await reader.read(chunk_size)  # cancelling a read loses no bytes
+                except asyncio.CancelledError:
+                    if not endpoint.woken or task.uncancel() > 0:
+                        raise
+                    endpoint.woken = False
+                    continue
+                finally:
+                    endpoint.up_reading = False
+                if not chunk:
+                    return
+                endpoint.bytes_out += len(chunk)
+                endpoint.carried += len(chunk)
+                if endpoint.carried >= threshold and not endpoint.inbox.closed:
+                    endpoint.pending_up = chunk
+                    break
+                try:
+                    await self.outbox.put(Data(conn_id, chunk))
+                except MailboxClosed:
+                    return
+            endpoint.switching = True
+        finally:
+            endpoint.up_task = None
 
     async def _server_to_endpoint(self, endpoint: _Endpoint, writer: asyncio.StreamWriter) -> None:
         inbox = endpoint.inbox

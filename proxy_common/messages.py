@@ -80,7 +80,22 @@ class Drain:
     """Agent to server: avoid me for new dials (DRAIN)."""
 
 
-Message = DialRequest | DialResponse | Data | CloseRequest | CloseResponse | CloseDial | Drain
+@dataclass(frozen=True, slots=True)
+class OwnStream:
+    """Our extension's switch marker for one connection (per-connection flow control only).
+
+    Agent to server on the Connect stream: no more packets of this connection follow here,
+    they go on its own stream (also the first packet of that own stream). Server to agent on
+    the Connect stream: likewise, the rest of this connection comes on its own stream. On
+    the wire it is a DATA packet with no payload and the reserved error text
+    `OWN_STREAM_MARK`, so it never changes how a reference packet is read."""
+
+    conn_id: int
+
+
+OWN_STREAM_MARK = "konnectivity-py:own-stream"
+
+Message = DialRequest | DialResponse | Data | CloseRequest | CloseResponse | CloseDial | Drain | OwnStream
 
 PACKET_TYPE_NAMES: dict[type[Message], str] = {
     DialRequest: "DIAL_REQ",
@@ -90,6 +105,7 @@ PACKET_TYPE_NAMES: dict[type[Message], str] = {
     Data: "DATA",
     CloseDial: "DIAL_CLS",
     Drain: "DRAIN",
+    OwnStream: "DATA",  # it travels as a DATA packet
 }
 
 

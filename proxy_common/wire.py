@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from proxy_common.errors import MalformedPacket
 from proxy_common.messages import (
+    OWN_STREAM_MARK,
     CloseDial,
     CloseRequest,
     CloseResponse,
@@ -24,6 +25,7 @@ from proxy_common.messages import (
     DialResponse,
     Drain,
     Message,
+    OwnStream,
 )
 from proxy_common.pb import client_pb2 as pb
 
@@ -105,6 +107,8 @@ def from_packet(packet: pb.Packet) -> Message:
     present = packet.WhichOneof("payload")
     if kind == pb.DATA and present == "data":  # the hot path first
         d = packet.data
+        if d.error == OWN_STREAM_MARK and not d.data:
+            return OwnStream(d.connectID)
         return Data(d.connectID, d.data, d.error)
     expected = _PAYLOAD_FOR_TYPE.get(kind)
     if expected is None:
@@ -119,6 +123,8 @@ def _typed(packet: pb.Packet) -> Message:
     kind = packet.type
     if kind == pb.DATA:
         d = packet.data
+        if d.error == OWN_STREAM_MARK and not d.data:
+            return OwnStream(d.connectID)
         return Data(d.connectID, d.data, d.error)
     if kind == pb.DIAL_REQ:
         r = packet.dialRequest
@@ -156,6 +162,8 @@ def to_packet(message: Message) -> pb.Packet:
             return pb.Packet(type=pb.DIAL_CLS, closeDial=pb.CloseDial(random=dial_id))
         case Drain():
             return pb.Packet(type=pb.DRAIN, drain=pb.Drain())
+        case OwnStream(conn_id=conn_id):
+            return pb.Packet(type=pb.DATA, data=pb.Data(connectID=conn_id, error=OWN_STREAM_MARK))
         case _:
             assert_never(message)
 

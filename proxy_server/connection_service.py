@@ -7,6 +7,11 @@ connection's DIAL_RSP first. From then on this stream carries that connection's 
 CLOSE packets both ways, so HTTP/2's per-stream window throttles only this connection:
 its reader may wait for its frontend as long as it likes without holding up the agent's
 other connections.
+
+A connection that started on the shared stream and is moved here (the agent's
+`--flow-upgrade-bytes`) starts this stream with an `OwnStream` marker instead: nothing is
+read from or written to it before the same marker was read on the shared stream
+(`Switchboard.claim_own_link`, bounded), so the connection's packets stay in order.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import grpc.aio
 
 from proxy_common import metadata
 from proxy_common.errors import MalformedPacket, TunnelClosed
-from proxy_common.messages import DialResponse
+from proxy_common.messages import DialResponse, OwnStream
 from proxy_common.streams import ServerStream
 from proxy_common.tasks import first_error, race
 from proxy_server.stream_loops import read_into, write_to_agent
@@ -53,12 +58,23 @@ class ConnectionServicer:
                 first = await stream.receive()
         except (TimeoutError, TunnelClosed, MalformedPacket):
             first = None
-        if type(first) is not DialResponse or first.error or not first.conn_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a connection stream starts with a successful DIAL_RSP")
-        assert isinstance(first, DialResponse)
-        link = self.board.open_connection_link(backend_id, first.conn_id, f"conn_id={first.conn_id} backend_id={backend_id}")
+        if type(first) is OwnStream and first.conn_id:
+            self.board.metrics.packet("from_agent", first)
+            claimed = await self.board.claim_own_link(backend_id, first.conn_id)
+            if claimed is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no connection moving onto its own stream")
+            assert claimed is not None
+            link = claimed
+        elif type(first) is not DialResponse or first.error or not first.conn_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a connection stream starts with a successful DIAL_RSP or its marker"
+            )
+        assert first is not None
+        if type(first) is DialResponse:
+            link = self.board.open_connection_link(backend_id, first.conn_id, f"conn_id={first.conn_id} backend_id={backend_id}")
         try:
-            await self.board.from_agent(backend_id, first)
+            if type(first) is DialResponse:
+                await self.board.from_agent(backend_id, first)
             await race(
                 read_into(stream, partial(self.board.from_agent, backend_id, own_stream=True)),
                 write_to_agent(stream, link, self.board.metrics),

@@ -51,6 +51,7 @@ def connections(board: Switchboard, now: float | None = None) -> list[dict[str, 
             "established_seconds": round(now - established, 3) if established is not None else None,
             "bytes_to_agent": link.bytes_to_agent,
             "bytes_to_client": link.bytes_to_client,
+            "own_stream": view.backend_id is not None and (view.backend_id, view.conn_id) in board.connection_links,
         })
     for backend_id, conn_id in board.router.closing_connections():
         backend = registry.get(backend_id)

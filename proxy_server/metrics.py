@@ -90,6 +90,11 @@ class ServerMetrics(BinaryMetrics):
             "Established connections removed, by reason (agent_closed, frontend_lost, agent_lost, overflow, mismatched).",
             ["reason"], registry=reg,
         )
+        self.own_stream_upgrades = Counter(
+            PREFIX + "own_stream_upgrades_total",
+            "Connections moved from an agent's shared stream onto their own stream (per-connection flow control).",
+            registry=reg,
+        )
         self._add_process_families()
         self.ready_backend_connections.set(0)
         for name in strategies:

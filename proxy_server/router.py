@@ -24,6 +24,13 @@ one dial. A *backend* is one agent `Connect` stream (see `backends.py`).
   (the reference leaves them waiting 30 s) and its connections get an empty-error
   CLOSE_RSP, as the reference sends.
 
+* Own streams on demand (our agents, per-connection flow control): the agent's `OwnStream`
+  marker on its Connect stream says that the connection's later packets come on its own
+  stream. The router answers `OpenOwnLink` (from now on the connection's packets toward
+  the agent go to that stream) and the same marker back on the Connect stream, after
+  everything already queued there. If the own stream never comes, `own_stream_missing()`
+  closes the connection toward its frontend and asks the agent to close it.
+
 Peer mistakes (unknown ids, DATA before a dial, a second dial on one stream) are answered
 on the wire with the reference's error strings; they never raise.
 """
@@ -43,6 +50,7 @@ from proxy_common.messages import (
     DialResponse,
     Drain,
     Message,
+    OwnStream,
 )
 from proxy_server.backends import BackendRegistry
 
@@ -100,6 +108,14 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenOwnLink:
+    """From now on the connection's packets toward the agent go on its own stream."""
+
+    backend_id: int
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Discard:
     message: Message
     reason: str
@@ -113,6 +129,7 @@ Action = (
     | DialEstablished
     | DialFailed
     | ConnectionClosed
+    | OpenOwnLink
     | Discard
 )
 
@@ -277,6 +294,17 @@ class Router:
         self._forget(backend_id, "conn", conn_id)
         return self._drop_established(backend_id, conn_id, "stream_lost")
 
+    def own_stream_missing(self, backend_id: int, conn_id: int) -> list[Action]:
+        """The agent announced a connection's own stream, but it never came: close the connection."""
+        key = (backend_id, conn_id)
+        if key in self._closing:
+            self._closing.discard(key)
+            return [SendToAgent(backend_id, CloseRequest(conn_id))]
+        if key not in self._established:
+            return []
+        self._forget(backend_id, "conn", conn_id)
+        return [*self._drop_established(backend_id, conn_id, "stream_lost"), SendToAgent(backend_id, CloseRequest(conn_id))]
+
     def dial_timed_out(self, dial_id: int) -> list[Action]:
         """The backend dial timeout fired for a dial that may still be pending."""
         entry = self._pending.get(dial_id)
@@ -306,6 +334,8 @@ class Router:
             case Drain():
                 self.registry.mark_draining(backend_id)
                 return []
+            case OwnStream(conn_id=conn_id):
+                return self._own_stream(backend_id, conn_id)
             case _:
                 return [Discard(message, "not handled from an agent")]
 
@@ -435,6 +465,13 @@ class Router:
             DialFailed(dial_id, DialFailure.BACKEND_CLOSE),
             EndFrontend(fid),
         ]
+
+    def _own_stream(self, bid: int, conn_id: int) -> list[Action]:
+        key = (bid, conn_id)
+        if key in self._established or key in self._closing:
+            return [OpenOwnLink(bid, conn_id), SendToAgent(bid, OwnStream(conn_id))]
+        # Not a connection we know: have the agent close it (its own stream is refused).
+        return [Discard(OwnStream(conn_id), "unknown connection"), SendToAgent(bid, CloseRequest(conn_id))]
 
     def _unknown_agent_data(self, key: tuple[int, int], data: Data) -> list[Action]:
         if not data.conn_id or key in self._closing:

@@ -14,6 +14,12 @@ Backend dial timeout (`--backend-dial-timeout`, 0 = off): a dial forwarded to an
 that has not answered within `dial_timeout` seconds fails with the reference's error
 (`timed out waiting for backend dial`; 504 in HTTP-CONNECT mode) and the agent gets a
 DIAL_CLS. Forwarding itself never waits (control messages are queued at once).
+
+Own streams on demand: when the router moves a connection onto its own stream
+(`OpenOwnLink`), its link is created at once, so every later packet toward the agent is
+queued there, and the agent's own stream claims it (`claim_own_link`, bounded wait). A
+DATA whose delivery was waiting for room on the shared stream chooses its mailbox again
+when it may go on, so none lands on the shared stream after the switch marker.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from proxy_server.metrics import ServerMetrics
 
 log = logging.getLogger("proxy_server")
 T = TypeVar("T")
+OWN_STREAM_WAIT_SECONDS = 10.0
 
 
 def message_size(message: Message) -> int:
@@ -80,6 +87,11 @@ class Switchboard:
         # Flow-controlled connections (our own agents): one stream, so one Link, per connection.
         self.connection_links: dict[tuple[int, int], Link] = {}
         self.flow_sessions: dict[str, int] = {}  # session token -> backend_id
+        # Own streams on demand: links made on the agent's marker, waiting for their stream,
+        # and own streams that came before their marker was read.
+        self.own_stream_wait = OWN_STREAM_WAIT_SECONDS
+        self._unclaimed: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        self._claimers: dict[tuple[int, int], asyncio.Future[Link | None]] = {}
 
     # ------------------------------------------------------------- registration
     def open_frontend(self, label: str) -> tuple[int, Link]:
@@ -115,6 +127,12 @@ class Switchboard:
             del self.flow_sessions[token]
         for key in [k for k in self.connection_links if k[0] == backend_id]:
             self.connection_links.pop(key).mailbox.close()
+        for key in [k for k in self._unclaimed if k[0] == backend_id]:
+            self._unclaimed.pop(key).cancel()
+        for key in [k for k in self._claimers if k[0] == backend_id]:
+            waiter = self._claimers.pop(key)
+            if not waiter.done():
+                waiter.set_result(None)
         self.execute_now(self.router.agent_lost(backend_id))
         self._update_backend_gauges()
 
@@ -123,6 +141,55 @@ class Switchboard:
         link = Link(Mailbox(self.agent_buffer_bytes, message_size), label)
         self.connection_links[(backend_id, conn_id)] = link
         return link
+
+    async def claim_own_link(self, backend_id: int, conn_id: int) -> Link | None:
+        """The link made on the agent's marker for this connection, waiting for it (bounded);
+        None if it never comes, is already claimed, or the agent stream ended."""
+        key = (backend_id, conn_id)
+        timer = self._unclaimed.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+            return self.connection_links.get(key)
+        if key in self.connection_links or key in self._claimers or backend_id not in self.backends:
+            return None
+        waiter: asyncio.Future[Link | None] = asyncio.get_running_loop().create_future()
+        self._claimers[key] = waiter
+        try:
+            async with asyncio.timeout(self.own_stream_wait):
+                return await waiter
+        except TimeoutError:
+            return None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self._own_stream_missing(backend_id, conn_id)  # handed over, but nobody carries it now
+            raise
+        finally:
+            if self._claimers.get(key) is waiter:
+                del self._claimers[key]
+
+    def _own_link(self, backend_id: int, conn_id: int) -> None:
+        key = (backend_id, conn_id)
+        if backend_id not in self.backends or key in self.connection_links:
+            return
+        link = self.open_connection_link(backend_id, conn_id, f"conn_id={conn_id} backend_id={backend_id}")
+        self.metrics.own_stream_upgrades.inc()
+        waiter = self._claimers.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(link)
+            return
+        self._unclaimed[key] = asyncio.get_running_loop().call_later(
+            self.own_stream_wait, self._own_stream_missing, backend_id, conn_id
+        )
+
+    def _own_stream_missing(self, backend_id: int, conn_id: int) -> None:
+        key = (backend_id, conn_id)
+        self._unclaimed.pop(key, None)
+        log.warning("connection stream never came, closing conn_id=%d agent=%s", conn_id, self._label(backend_id))
+        link = self.connection_links.pop(key, None)
+        if link is not None:
+            link.mailbox.close()
+            link.mailbox.clear()
+        self.execute_now(self.router.own_stream_missing(backend_id, conn_id))
 
     def close_connection_link(self, backend_id: int, conn_id: int, link: Link) -> None:
         """The connection's stream ended; if the router still holds the connection, the
@@ -182,12 +249,17 @@ class Switchboard:
             self._carry_out(action)
 
     async def _data_to_agent(self, backend_id: int, data: Data, service_method: str = "") -> None:
-        link = self.connection_links.get((backend_id, data.conn_id)) or self.backends.get(backend_id)
+        key = (backend_id, data.conn_id)
+        link = self.connection_links.get(key) or self.backends.get(backend_id)
         if link is None:
             return
         try:
-            if not link.mailbox.offer(data):
-                await self._blocked(link.mailbox.put(data), service_method)
+            while not link.mailbox.offer(data):
+                await self._blocked(link.mailbox.wait_for_room(), service_method)
+                # The connection may have moved onto its own stream meanwhile: choose again.
+                link = self.connection_links.get(key) or self.backends.get(backend_id)
+                if link is None:
+                    return
         except MailboxClosed:
             return
         self.metrics.packet("to_agent", data)
@@ -251,6 +323,8 @@ class Switchboard:
                 link = self.frontends.get(frontend_id)
                 if link is not None:
                     link.mailbox.close()
+            case r.OpenOwnLink(backend_id=backend_id, conn_id=conn_id):
+                self._own_link(backend_id, conn_id)
             case _:
                 self._observe(action)
         self.metrics.tables(self.router.pending_count, self.router.established_count)
@@ -303,6 +377,9 @@ class Switchboard:
         for timer in self._dial_timers.values():
             timer.cancel()
         self._dial_timers.clear()
+        for timer in self._unclaimed.values():
+            timer.cancel()
+        self._unclaimed.clear()
 
     # ----------------------------------------------------------- observation
     def live_bytes(self) -> Iterable[tuple[str, int]]:

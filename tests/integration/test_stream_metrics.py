@@ -201,7 +201,7 @@ async def test_agent_counts_every_packet_the_server_counts(pki: DemoPki, short_t
     """Per-connection streams carry DATA too: the agent's packet counts match the server's."""
     stack = await Stack(pki, short_tmp).start()
     try:
-        running = await stack.add_agent(flow_control=flow_control)
+        running = await stack.add_agent(flow_control=flow_control, flow_upgrade_bytes=0)
         async with endpoint(echo_handler) as ep:
             for _ in range(3):
                 tunnel = await open_tunnel(ep.address, uds_path=stack.uds)

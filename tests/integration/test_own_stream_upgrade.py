@@ -1,0 +1,497 @@
+"""Own streams on demand: connections start on the shared Connect stream and move onto their
+own stream once they have carried `--flow-upgrade-bytes`, without losing or reordering a byte.
+
+Real server and agent over real gRPC; the payloads depend on their position, so a byte
+moved, lost or repeated anywhere changes the digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from proxy_agent import debug as agent_debug
+from proxy_agent.flow import FLOW_METHOD
+from proxy_common import metadata
+from proxy_common.certs import DemoPki
+from proxy_common.client import Tunnel, open_tunnel
+from proxy_common.errors import TunnelClosed
+from proxy_common.messages import CloseRequest, CloseResponse, Data, DialRequest, DialResponse, Message, OwnStream
+from proxy_common.streams import CONNECT_METHOD, ClientStream, ServerStream
+from proxy_server import debug as server_debug
+from tests.harness import (
+    RunningAgent,
+    Stack,
+    agent_config,
+    agent_metric,
+    agent_service_server,
+    echo,
+    echo_handler,
+    endpoint,
+    server_metric,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+THRESHOLD = 64 << 10
+BIG = 64 << 20
+PIECE = 64 << 10
+
+
+def pieces(size: int, seed: bytes, piece: int = PIECE) -> list[bytes]:
+    """`size` bytes in pieces that all differ (each depends on its position)."""
+    out = []
+    for index in range(0, size, piece):
+        out.append(hashlib.shake_256(seed + index.to_bytes(8, "big")).digest(min(piece, size - index)))
+    return out
+
+
+def digest_of(parts: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def upgrades(stack: Stack) -> tuple[float, float]:
+    running = stack.agents[0]
+    return (server_metric(stack.server, "own_stream_upgrades_total"), agent_metric(running, "own_stream_upgrades_total"))
+
+
+def on_own_streams(stack: Stack) -> list[bool]:
+    return [e.own_stream for a in stack.agents for s in a.agent.clients.sessions.values() for e in s.endpoints.values()]
+
+
+def debug_own_streams(stack: Stack) -> tuple[list[bool], list[bool]]:
+    """The `own_stream` fields of the server's and the agents' /debug/connections rows."""
+    server = [row["own_stream"] for row in server_debug.connections(stack.server.board) if row["frontend_id"]]
+    agents = [row["own_stream"] for a in stack.agents for row in agent_debug.connections(a.agent.clients)]
+    return server, agents
+
+
+async def drain(tunnel: Tunnel, limit: int | None = None) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    while (limit is None or size < limit) and (chunk := await tunnel.receive()):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+async def assert_tables_empty(stack: Stack) -> None:
+    await stack.wait_idle()
+    board = stack.server.board
+    await wait_for(lambda: not board.connection_links and not board.frontends, what="server links gone")
+    await wait_for(lambda: not any(s.endpoints for a in stack.agents for s in a.agent.clients.sessions.values()),
+                   what="agent endpoints gone")
+
+
+async def test_small_connections_never_leave_the_shared_stream(stack: Stack) -> None:
+    running = await stack.add_agent()
+    assert all(s.flow_token for s in running.agent.clients.sessions.values()), "flow control was not negotiated"
+    async with endpoint(echo_handler) as ep:
+        for _ in range(3):
+            async with await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+                await echo(tunnel, bytes(range(64)))
+                assert not stack.server.board.connection_links
+                assert on_own_streams(stack) == [False]
+                assert debug_own_streams(stack) == ([False], [False])
+    assert upgrades(stack) == (0, 0)
+    await assert_tables_empty(stack)
+
+
+async def test_zero_threshold_gives_every_connection_its_own_stream_at_once(stack: Stack) -> None:
+    await stack.add_agent(flow_upgrade_bytes=0)
+    async with endpoint(echo_handler) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+        await echo(tunnel, bytes(range(64)))
+        assert len(stack.server.board.connection_links) == 1
+        assert on_own_streams(stack) == [True]
+        assert debug_own_streams(stack) == ([True], [True])
+    assert upgrades(stack) == (0, 0)  # nothing was moved: it started there
+    await assert_tables_empty(stack)
+
+
+@pytest.mark.parametrize("direction", ["down", "up", "both"])
+async def test_big_transfers_move_mid_transfer_and_keep_every_byte_in_order(stack: Stack, direction: str) -> None:
+    await stack.add_agent()
+    down = pieces(BIG, b"down") if direction in ("down", "both") else []
+    up = pieces(BIG, b"up") if direction in ("up", "both") else []
+
+    async def endpoint_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send() -> None:
+            for part in down:
+                writer.write(part)
+                await writer.drain()
+
+        async def receive() -> str:
+            size, digest = 0, hashlib.sha256()
+            while size < BIG and (data := await reader.read(1 << 20)):
+                digest.update(data)
+                size += len(data)
+            return f"{size}:{digest.hexdigest()}"
+
+        sender = asyncio.create_task(send())
+        received = await receive() if up else ""
+        await sender
+        if up:
+            writer.write(received.encode().ljust(128))
+            await writer.drain()
+
+    seen = {"link": False, "own": False}
+
+    async def watch() -> None:
+        """Whether the connection was ever seen on its own stream at both ends (bounded)."""
+        for _ in range(20_000):
+            seen["link"] |= bool(stack.server.board.connection_links)
+            seen["own"] |= any(on_own_streams(stack))
+            await asyncio.sleep(0.005)
+
+    async with endpoint(endpoint_side) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+
+        async def client_send() -> None:
+            for part in up:
+                await tunnel.send(part)
+
+        async with asyncio.timeout(120):
+            watcher = asyncio.create_task(watch())
+            sending = asyncio.create_task(client_send())
+            got = await drain(tunnel, BIG) if down else (0, "")
+            await sending
+            if up:
+                answer = b""
+                while len(answer) < 128:
+                    chunk = await tunnel.receive()
+                    assert chunk, "closed before the endpoint's answer"
+                    answer += chunk
+                assert answer.decode().strip() == f"{BIG}:{digest_of(up)}"
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if down:
+            assert got == (BIG, digest_of(down))
+        assert seen == {"link": True, "own": True}
+    assert upgrades(stack) == (1, 1)
+    await assert_tables_empty(stack)
+
+
+async def test_many_small_writes_around_the_threshold_stay_in_order(stack: Stack) -> None:
+    """An echo with 1000 x 1 KiB writes each way, interleaved: the switch happens among them."""
+    await stack.add_agent()
+    parts = pieces(1000 << 10, b"small", 1 << 10)
+    async with endpoint(echo_handler) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+        reader, writer = await tunnel.open_streams()
+
+        async def send() -> None:
+            for part in parts:
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0)
+
+        async with asyncio.timeout(60):
+            sending = asyncio.create_task(send())
+            received = await reader.readexactly(1000 << 10)
+            await sending
+        assert hashlib.sha256(received).hexdigest() == digest_of(parts)
+        writer.close()
+        await writer.wait_closed()
+    assert upgrades(stack) == (1, 1)
+    await assert_tables_empty(stack)
+
+
+@pytest.mark.parametrize("extra", [0, 1, 4096])
+async def test_client_closing_right_at_the_threshold_leaves_nothing_behind(stack: Stack, extra: int) -> None:
+    await stack.add_agent()
+    async with endpoint(echo_handler) as ep:
+        for _ in range(3):
+            tunnel = await open_tunnel(ep.address, uds_path=stack.uds)
+            await tunnel.send(bytes(THRESHOLD // 2 + extra))
+            await tunnel.aclose()  # the echo carries it past the threshold while we close
+    await assert_tables_empty(stack)
+
+
+@pytest.mark.parametrize("sent", [THRESHOLD - 1, THRESHOLD, THRESHOLD + 1, 3 * THRESHOLD])
+async def test_endpoint_closing_right_at_the_threshold_delivers_everything(stack: Stack, sent: int) -> None:
+    await stack.add_agent()
+    parts = pieces(sent, b"close", 4096)
+
+    async def send_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for part in parts:
+            writer.write(part)
+        await writer.drain()
+
+    async with endpoint(send_then_close) as ep, await open_tunnel(ep.address, uds_path=stack.uds) as tunnel:
+        async with asyncio.timeout(20):
+            assert await drain(tunnel) == (sent, digest_of(parts))
+    await assert_tables_empty(stack)
+
+
+async def test_agent_stream_lost_mid_switch_cleans_up(stack: Stack) -> None:
+    running = await stack.add_agent()
+    async with endpoint(echo_handler) as ep:
+        tunnel = await open_tunnel(ep.address, uds_path=stack.uds)
+        await tunnel.send(bytes(THRESHOLD))
+        await running.stop()  # the agent and its streams go while the connection is moving
+        async with asyncio.timeout(20):
+            await drain(tunnel)
+        await tunnel.aclose()
+    await wait_for(lambda: stack.server.router.is_empty() and not stack.server.board.connection_links,
+                   what="server tables empty")
+    stack.agents.clear()
+
+
+# ------------------------------------------------------- the server against a raw agent
+@contextlib.asynccontextmanager
+async def raw_flow_agent(stack: Stack) -> AsyncIterator[tuple[grpc.aio.Channel, ClientStream, str]]:
+    """A Connect stream that negotiates flow control, driven packet by packet by the test."""
+    creds = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
+    channel = grpc.aio.secure_channel(f"127.0.0.1:{stack.server.agent_port}", creds)
+    md = [(metadata.AGENT_ID, "raw-agent"), (metadata.FLOW_CONTROL, metadata.FLOW_CONTROL_VERSION)]
+    call = channel.stream_stream(CONNECT_METHOD)(metadata=md)
+    try:
+        async with asyncio.timeout(5):
+            headers = await call.initial_metadata()
+        token = metadata.single(headers, metadata.SESSION)
+        assert token
+        yield channel, ClientStream(call), token
+    finally:
+        call.cancel()
+        await channel.close()
+
+
+async def receive(stream: ClientStream) -> Message:
+    async with asyncio.timeout(5):
+        return await stream.receive()
+
+
+async def dial_through(stack: Stack, shared: ClientStream) -> Tunnel:
+    opening = asyncio.create_task(open_tunnel("10.0.0.5:443", uds_path=stack.uds))
+    request = await receive(shared)
+    assert type(request) is DialRequest
+    await shared.send(DialResponse(request.dial_id, conn_id=1))
+    async with asyncio.timeout(5):
+        return await opening
+
+
+async def test_server_closes_a_connection_whose_own_stream_never_comes(stack: Stack) -> None:
+    stack.server.board.own_stream_wait = 0.5
+    async with raw_flow_agent(stack) as (_channel, shared, _token):
+        await wait_for(lambda: stack.server.registry.is_ready(), what="agent registered")
+        tunnel = await dial_through(stack, shared)
+        await shared.send(OwnStream(1))
+        assert await receive(shared) == OwnStream(1)  # the server switched its side
+        assert await receive(shared) == CloseRequest(1)  # ... and gave up waiting for the stream
+        async with asyncio.timeout(5):
+            assert await tunnel.receive() == b""
+        await tunnel.aclose()
+        await wait_for(lambda: stack.server.router.is_empty() and not stack.server.board.connection_links,
+                       what="server tables empty")
+    assert server_metric(stack.server, "own_stream_upgrades_total") == 1
+
+
+async def test_own_stream_arriving_before_the_marker_waits_for_it(stack: Stack) -> None:
+    async with raw_flow_agent(stack) as (channel, shared, token):
+        await wait_for(lambda: stack.server.registry.is_ready(), what="agent registered")
+        tunnel = await dial_through(stack, shared)
+        own_call = channel.stream_stream(FLOW_METHOD)(metadata=((metadata.SESSION, token),))
+        own = ClientStream(own_call)
+        try:
+            await own.send(OwnStream(1))
+            await own.send(Data(1, b"second"))
+            await asyncio.sleep(0.2)  # give a server that read it too early the time to forward it
+            await shared.send(Data(1, b"first"))
+            await shared.send(OwnStream(1))
+            received = b""
+            async with asyncio.timeout(5):
+                while len(received) < len(b"firstsecond"):
+                    received += await tunnel.receive()
+            assert received == b"firstsecond"
+            assert await receive(shared) == OwnStream(1)
+            await tunnel.send(b"down")
+            assert await receive(own) == Data(1, b"down")  # after the switch: on the own stream only
+            await own.send(CloseResponse(1))
+            async with asyncio.timeout(5):
+                assert await tunnel.receive() == b""
+            await tunnel.aclose()
+            await own_call.done_writing()
+            await wait_for(lambda: stack.server.router.is_empty() and not stack.server.board.connection_links,
+                           what="server tables empty")
+        finally:
+            own_call.cancel()
+
+
+# ------------------------------------------------------- the agent against a scripted server
+class ScriptedFlowServer:
+    """Offers flow control on Connect and serves ConnectionService; the test drives both."""
+
+    def __init__(self, pki: DemoPki) -> None:
+        self.shared_in: asyncio.Queue[Message] = asyncio.Queue()
+        self.shared_out: asyncio.Queue[Message] = asyncio.Queue()
+        self.own_in: asyncio.Queue[Message] = asyncio.Queue()
+        self.own_ended = asyncio.Event()
+        self.server, self.port = agent_service_server(pki, self._connect)
+        own = grpc.stream_stream_rpc_method_handler(self._own)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(FLOW_METHOD.split("/")[1], {"Stream": own}),)
+        )
+
+    async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.send_initial_metadata((
+            (metadata.SERVER_ID, "scripted"), (metadata.SERVER_COUNT, "1"),
+            (metadata.FLOW_CONTROL, metadata.FLOW_CONTROL_VERSION), (metadata.SESSION, "token"),
+        ))
+        await self._pump(ServerStream(context), self.shared_in, self.shared_out)
+
+    async def _own(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        assert metadata.single(context.invocation_metadata(), metadata.SESSION) == "token"
+        try:
+            await self._pump(ServerStream(context), self.own_in, None)
+        finally:
+            self.own_ended.set()
+
+    @staticmethod
+    async def _pump(stream: ServerStream, inbound: asyncio.Queue[Message], outbound: asyncio.Queue[Message] | None) -> None:
+        async def send() -> None:
+            while outbound is not None:
+                await stream.send(await outbound.get())
+
+        sender = asyncio.create_task(send())
+        try:
+            while True:
+                try:
+                    await inbound.put(await stream.receive())
+                except TunnelClosed:
+                    return
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+
+async def next_of(queue: asyncio.Queue[Message]) -> Message:
+    async with asyncio.timeout(5):
+        return await queue.get()
+
+
+async def test_agent_close_request_before_the_servers_marker_flushes_then_closes_on_the_own_stream(pki: DemoPki) -> None:
+    script = ScriptedFlowServer(pki)
+    await script.server.start()
+    received = bytearray()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1 << 16):
+            received.extend(data)
+
+    running = RunningAgent(agent_config(pki, script.port))
+    try:
+        async with endpoint(sink) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            response = await next_of(script.shared_in)
+            assert type(response) is DialResponse and response.conn_id and not response.error
+            conn = response.conn_id
+            payload = pieces(THRESHOLD, b"before-close", 4096)
+            for part in payload:  # past the threshold: the agent moves the connection
+                await script.shared_out.put(Data(conn, part))
+            assert await next_of(script.shared_in) == OwnStream(conn)  # its marker on the shared stream
+            assert await next_of(script.own_in) == OwnStream(conn)  # and first on the own stream
+            # The frontend closes before our marker goes back: CLOSE_REQ on the shared stream.
+            await script.shared_out.put(CloseRequest(conn))
+            await script.shared_out.put(OwnStream(conn))
+            assert await next_of(script.own_in) == CloseResponse(conn)  # on the own stream, not the shared one
+            async with asyncio.timeout(5):
+                await script.own_ended.wait()
+            await wait_for(lambda: running.connection_count() == 0 and ep.open_connections == 0, what="agent closed it")
+            assert bytes(received) == b"".join(payload)
+            assert script.shared_in.empty()
+            assert agent_metric(running, "own_stream_upgrades_total") == 1
+    finally:
+        await running.stop()
+        await script.server.stop(0)
+
+
+async def test_agent_endpoint_closing_during_the_switch_closes_on_the_own_stream(pki: DemoPki) -> None:
+    script = ScriptedFlowServer(pki)
+    await script.server.start()
+
+    async def read_threshold_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(THRESHOLD)
+
+    running = RunningAgent(agent_config(pki, script.port))
+    try:
+        async with endpoint(read_threshold_then_close) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            response = await next_of(script.shared_in)
+            assert type(response) is DialResponse and response.conn_id
+            conn = response.conn_id
+            await script.shared_out.put(Data(conn, bytes(THRESHOLD)))
+            assert await next_of(script.shared_in) == OwnStream(conn)
+            assert await next_of(script.own_in) == OwnStream(conn)
+            # The endpoint is gone before the server's marker came back: the close goes after the marker.
+            assert await next_of(script.own_in) == CloseResponse(conn)
+            async with asyncio.timeout(5):
+                await script.own_ended.wait()
+            await wait_for(lambda: running.connection_count() == 0, what="agent table empty")
+            assert script.shared_in.empty()
+    finally:
+        await running.stop()
+        await script.server.stop(0)
+
+
+async def test_an_endpoint_that_stops_reading_mid_switch_slows_only_itself(stack: Stack) -> None:
+    """The client uploads to an endpoint that reads nothing for a while: its connection moves
+    onto its own stream and stalls there, the others carry on, and nothing is lost."""
+    await stack.add_agent()
+    release = asyncio.Event()
+    upload = pieces(64 << 20, b"stalled-up")
+
+    async def late_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        size, digest = 0, hashlib.sha256()
+        while size < len(upload) * PIECE and (data := await reader.read(1 << 20)):
+            digest.update(data)
+            size += len(data)
+        writer.write(digest.hexdigest().encode())
+        await writer.drain()
+
+    async with endpoint(late_reader) as slow, endpoint(echo_handler) as fast:
+        stalled = await open_tunnel(slow.address, uds_path=stack.uds)
+
+        async def push() -> None:
+            for part in upload:
+                await stalled.send(part)
+
+        pushing = asyncio.create_task(push())
+        try:
+            await wait_for(lambda: upgrades(stack) == (1, 1), what="the stalled connection moved")
+            async with asyncio.timeout(30):
+                for _ in range(8):
+                    async with await open_tunnel(fast.address, uds_path=stack.uds) as tunnel:
+                        await echo(tunnel, bytes(THRESHOLD * 2))
+            assert not pushing.done(), "the upload finished although its endpoint read nothing"
+            # Held back by the windows and capped buffers, not queued without bound.
+            assert stack.agents[0].agent.clients.buffered_bytes() <= (4 << 20) + (256 << 10)
+            assert stack.server.board.buffered_bytes() <= 2 * ((4 << 20) + (256 << 10))
+            release.set()
+            async with asyncio.timeout(30):
+                await pushing
+                answer = b""
+                while len(answer) < 64:
+                    chunk = await stalled.receive()
+                    assert chunk
+                    answer += chunk
+            assert answer.decode() == digest_of(upload)
+        finally:
+            pushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pushing
+            await stalled.aclose()
+    assert stack.server.metrics.overflow_closes._value.get() == 0
+    assert agent_metric(stack.agents[0], "closed_endpoint_connections_total", reason="overflow") == 0
+    await assert_tables_empty(stack)
