@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
@@ -53,20 +54,11 @@ async def serve_on_own_stream(
     conn_id = endpoint.conn_id
     call = session.channel.stream_stream(FLOW_METHOD)(metadata=((metadata.SESSION, session.flow_token),))
     stream = ClientStream(call)
-    down_task: asyncio.Task[None] | None = None
-    try:
-        opened = session.table.dial_succeeded(conn_id)
-        if not all(isinstance(action, c.Send) for action in opened):
-            return  # the dial was cancelled meanwhile
-        for action in opened:
-            await _send(session, stream, action.message)
-        down_task = asyncio.create_task(_down(session, endpoint, stream, writer), name=f"conn-stream-reader conn_id={conn_id}")
-        await _up_until_either_ends(session, endpoint, stream, reader, down_task)
-    except STREAM_ERRORS:
-        pass
-    finally:
-        writer.transport.abort()
-        await _say_goodbye(session, conn_id, stream, down_task)
+    opened = session.table.dial_succeeded(conn_id)
+    first = [action.message for action in opened if isinstance(action, c.Send)]
+    cancelled = len(first) != len(opened)  # the dial was cancelled meanwhile
+    await _carry(session, endpoint, stream, reader, writer, None if cancelled else first,
+                 lambda: _down(session, endpoint, stream, writer))
 
 
 async def continue_on_own_stream(
@@ -88,21 +80,34 @@ async def continue_on_own_stream(
         session.outbox.force(action.message)  # after every packet of it queued on the shared stream
     endpoint.own_stream = True
     session.metrics.own_stream_upgrades.inc()
+    first: list[Message] = [OwnStream(conn_id)]
+    if endpoint.pending_up:
+        first.append(Data(conn_id, endpoint.pending_up))
+        endpoint.pending_up = None
+    await _carry(session, endpoint, stream, reader, writer, first,
+                 lambda: _down_after_switch(session, endpoint, stream, writer))
+
+
+async def _carry(
+    session: Session, endpoint: _Endpoint, stream: ClientStream, reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter, first: list[Message] | None, down: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Send `first` on the connection's own stream, then pump both ways until either side
+    ends; always close the endpoint and say goodbye on the stream. `first` None: the
+    connection is already over (nothing is sent)."""
     down_task: asyncio.Task[None] | None = None
     try:
-        await _send(session, stream, OwnStream(conn_id))
-        if endpoint.pending_up:
-            await _send(session, stream, Data(conn_id, endpoint.pending_up))
-            endpoint.pending_up = None
-        down_task = asyncio.create_task(
-            _down_after_switch(session, endpoint, stream, writer), name=f"conn-stream-reader conn_id={conn_id}"
-        )
+        if first is None:
+            return
+        for message in first:
+            await _send(session, stream, message)
+        down_task = asyncio.create_task(down(), name=f"conn-stream-reader conn_id={endpoint.conn_id}")
         await _up_until_either_ends(session, endpoint, stream, reader, down_task)
     except STREAM_ERRORS:
         pass
     finally:
         writer.transport.abort()
-        await _say_goodbye(session, conn_id, stream, down_task)
+        await _say_goodbye(session, endpoint.conn_id, stream, down_task)
 
 
 async def _down_after_switch(

@@ -74,25 +74,23 @@ class Mailbox(Generic[T]):
     async def put(self, item: T) -> None:
         """Wait for room, then append. Raises MailboxClosed once the mailbox is closed."""
         while not self.offer(item):
-            waiter = asyncio.get_running_loop().create_future()
-            self._writers.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._writers:
-                    self._writers.remove(waiter)
+            await self._next_change()
 
     async def wait_for_room(self) -> None:
         """Wait until there is room or the mailbox is closed; nothing is appended (for a
         producer that must choose its mailbox again once it may go on)."""
         while not self._closed and self._bytes >= self.max_bytes:
-            waiter = asyncio.get_running_loop().create_future()
-            self._writers.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._writers:
-                    self._writers.remove(waiter)
+            await self._next_change()
+
+    async def _next_change(self) -> None:
+        """Wait until room is made or the mailbox is closed or cleared."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._writers.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._writers:
+                self._writers.remove(waiter)
 
     async def put_within(self, item: T, seconds: float) -> bool:
         """Like put(), but give up after `seconds` and return False."""
