@@ -118,7 +118,7 @@ async def test_three_servers_behind_one_address_every_agent_holds_one_stream_to_
     lb = await cluster.start_balancer(list(ports.values()))
     for agent_id in ("a1", "a2"):
         cluster.add_agent(agent_id, lb.port)
-    await wait_for(cluster.fully_meshed, what="every agent connected once to every server")
+    await wait_for(cluster.fully_meshed, what="every agent connected once to every server", timeout=30)
     for server in cluster.servers.values():
         assert server_metric(server, "ready_backends", proxy_strategy="default") == 2
         assert server_metric(server, "grpc_connections", service_method="Connect") == 2
@@ -129,9 +129,9 @@ async def test_three_servers_behind_one_address_every_agent_holds_one_stream_to_
     # Restart s2 on the same port with the same ID: agents reconnect to it, and only to it.
     before = {agent_id: dict(running.agent.clients.sessions) for agent_id, running in cluster.agents.items()}
     await cluster.stop_server("s2")
-    await wait_for(lambda: all(cluster.held(a) == {"s1", "s3"} for a in cluster.agents), what="s2 streams gone")
+    await wait_for(lambda: all(cluster.held(a) == {"s1", "s3"} for a in cluster.agents), what="s2 streams gone", timeout=30)
     await cluster.start_server("s2", server_count=3, agent_port=ports["s2"])
-    await wait_for(cluster.fully_meshed, what="agents back on the restarted s2")
+    await wait_for(cluster.fully_meshed, what="agents back on the restarted s2", timeout=30)
     for agent_id, running in cluster.agents.items():
         sessions = running.agent.clients.sessions
         # The streams to s1 and s3 are the very same objects: never dropped or duplicated.
@@ -149,10 +149,10 @@ async def test_a_restarted_server_is_found_again_with_sync_forever(cluster: Clus
         await cluster.start_server(name, server_count=1)  # a count too low: only sync-forever finds both
     lb = await cluster.start_balancer([s.agent_port for s in cluster.servers.values()])
     cluster.add_agent("a1", lb.port, sync_forever=True)
-    await wait_for(cluster.fully_meshed, what="both servers found despite servercount=1")
+    await wait_for(cluster.fully_meshed, what="both servers found despite servercount=1", timeout=30)
     attempts = cluster.agents["a1"].agent.clients.attempts
     await wait_for(lambda: cluster.agents["a1"].agent.clients.attempts >= attempts + 3, what="more sync rounds")
-    await wait_for(cluster.fully_meshed, what="duplicates closed again")
+    await wait_for(cluster.fully_meshed, what="duplicates closed again", timeout=30)
 
 
 # ------------------------------------------------------------ acceptance (issue 8)
@@ -163,7 +163,7 @@ async def test_two_servers_two_agents_every_dial_works_through_either_server(clu
     async with endpoint(echo_handler) as ep:
         for agent_id in ("a1", "a2"):
             cluster.add_agent(agent_id, lb.port)
-        await wait_for(cluster.fully_meshed, what="2 agents x 2 servers")
+        await wait_for(cluster.fully_meshed, what="2 agents x 2 servers", timeout=30)
         for server_id, server in cluster.servers.items():
             for i in range(6):
                 payload = f"{server_id} dial {i}".encode()
@@ -189,7 +189,7 @@ async def test_an_agent_given_every_server_address_reaches_each_without_a_balanc
         await cluster.start_server(name, server_count=1)  # servercount alone would stop at one
     addresses = tuple(f"127.0.0.1:{s.agent_port}" for s in cluster.servers.values())
     running = cluster.add_agent("a1", 1, proxy_server_addresses=addresses)
-    await wait_for(cluster.fully_meshed, what="one stream per listed address")
+    await wait_for(cluster.fully_meshed, what="one stream per listed address", timeout=30)
     assert agent_metric(running, "known_server_count") == 3
     attempts = running.agent.clients.attempts
     assert attempts == 3, "each address tried once, none twice"

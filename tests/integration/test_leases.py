@@ -183,21 +183,21 @@ async def test_agents_follow_servers_appearing_and_disappearing(fleet: Fleet, fa
     def held() -> list[set[str]]:
         return [set(running.agent.clients.sessions) for running in agents]
 
-    await wait_for(lambda: held() == [{"s1", "s2"}] * 2, what="both servers found through their Leases")
+    await wait_for(lambda: held() == [{"s1", "s2"}] * 2, what="both servers found through their Leases", timeout=30)
     assert all(agent_metric(r, "known_server_count") == 2 for r in agents)
     assert all(agent_metric(r, "lease_lists_total", http_response_code="200", reason="") >= 1 for r in agents)
 
     # A third server appears: its Lease brings every agent to it.
     c = await fleet.start_server("s3", server_count=1)
     lb.backends.append(c.agent_port)
-    await wait_for(lambda: held() == [{"s1", "s2", "s3"}] * 2, what="the new server joined")
-    await wait_for(lambda: all(agent_metric(r, "known_server_count") == 3 for r in agents), what="count 3")
+    await wait_for(lambda: held() == [{"s1", "s2", "s3"}] * 2, what="the new server joined", timeout=30)
+    await wait_for(lambda: all(agent_metric(r, "known_server_count") == 3 for r in agents), what="count 3", timeout=30)
 
     # s2 goes away: its Lease is deleted on shutdown, so the target drops at once, not after 30 s.
     await fleet.stop_server("s2")
     lb.backends.remove(b.agent_port)
-    await wait_for(lambda: held() == [{"s1", "s3"}] * 2, what="s2 streams gone")
-    await wait_for(lambda: all(agent_metric(r, "known_server_count") == 2 for r in agents), what="count 2")
+    await wait_for(lambda: held() == [{"s1", "s3"}] * 2, what="s2 streams gone", timeout=30)
+    await wait_for(lambda: all(agent_metric(r, "known_server_count") == 2 for r in agents), what="count 2", timeout=30)
     assert fake.lease(NS, "konnectivity-proxy-server-s2") is None
 
 
