@@ -42,7 +42,10 @@ if TYPE_CHECKING:
 
 FLOW_METHOD = "/konnectivity_py.flow.v1.ConnectionService/Stream"
 STREAM_ERRORS = (TunnelClosed, TunnelBroken, MalformedPacket, ConnectionError, OSError)
-GOODBYE_SECONDS = 2.0
+# After CLOSE_RSP the server ends the stream once its client has read everything before it;
+# only this connection's stream waits meanwhile, so a slow client keeps every byte. Losing
+# the session (or the agent stopping) cancels the wait sooner.
+GOODBYE_SECONDS = 3600.0
 CLOSE_FLUSH_SECONDS = 5.0
 
 
@@ -118,17 +121,19 @@ async def _down_after_switch(
     inbox = endpoint.inbox
     async with asyncio.timeout(None) as deadline:
         endpoint.deadline = deadline  # a close request bounds the flush, as in plain mode
-        if inbox.closed:
-            deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
-        while (chunk := await inbox.get()) is not None:
-            if not chunk:
-                break  # the server's marker: the rest comes on the own stream
-            endpoint.bytes_in += len(chunk)
-            writer.write(chunk)
-            await writer.drain()
-        else:
-            return
-        endpoint.deadline = None
+        try:
+            if inbox.closed:
+                deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
+            while (chunk := await inbox.get()) is not None:
+                if not chunk:
+                    break  # the server's marker: the rest comes on the own stream
+                endpoint.bytes_in += len(chunk)
+                writer.write(chunk)
+                await writer.drain()
+            else:
+                return
+        finally:
+            endpoint.deadline = None  # however the block ends: a later close must not touch it
     await _down(session, endpoint, stream, writer)
 
 

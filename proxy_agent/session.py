@@ -230,7 +230,10 @@ class Session:
         endpoint.close_reason = endpoint.close_reason or "close_request"
         endpoint.inbox.close()
         if endpoint.deadline is not None:
-            endpoint.deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
+            try:
+                endpoint.deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
+            except RuntimeError:  # its block already ended: nothing left to bound
+                endpoint.deadline = None
 
     def _lose_tunnel(self) -> None:
         self.table.tunnel_lost()
@@ -296,6 +299,7 @@ class Session:
             endpoint.close_reason = endpoint.close_reason or "error"
             log.debug("endpoint connection ended conn_id=%d reason=%r", conn_id, group.exceptions[0])
         finally:
+            endpoint.deadline = None
             writer.transport.abort()
             self.metrics.open_endpoint_connections.dec()
             reason = endpoint.close_reason or "endpoint_closed"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy_common.mailbox import Mailbox, MailboxClosed
-from proxy_common.messages import CloseRequest, Data, DialRequest, Message, packet_type_name
+from proxy_common.messages import CloseRequest, CloseResponse, Data, DialRequest, Message, packet_type_name
 from proxy_server import router as r
 from proxy_server.metrics import ServerMetrics
 
@@ -158,6 +158,8 @@ class Switchboard:
             async with asyncio.timeout(self.own_stream_wait):
                 return await waiter
         except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                return waiter.result()  # handed over in the very turn the wait ran out
             return None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
@@ -226,6 +228,16 @@ class Switchboard:
         waiting for its frontend to read holds up nothing else (no overflow deadline).
         `service_method` ("Connect" for the agent's stream): as in `from_frontend`."""
         self.metrics.packet("from_agent", message)
+        if (
+            not own_stream
+            and type(message) in (Data, CloseResponse)
+            and (backend_id, message.conn_id) in self.connection_links  # type: ignore[union-attr]
+        ):
+            # After its marker, nothing of this connection may come on the shared stream: a
+            # stray packet (e.g. the agent's reply to DATA that crossed its marker) would
+            # overtake what its own stream still carries.
+            log.debug("packet for a connection on its own stream ignored on the shared stream message=%r", message)
+            return
         await self.execute(
             self.router.from_agent(backend_id, message), own_stream=own_stream, service_method=service_method
         )

@@ -495,3 +495,34 @@ async def test_an_endpoint_that_stops_reading_mid_switch_slows_only_itself(stack
     assert stack.server.metrics.overflow_closes._value.get() == 0
     assert agent_metric(stack.agents[0], "closed_endpoint_connections_total", reason="overflow") == 0
     await assert_tables_empty(stack)
+
+
+async def test_two_close_requests_before_the_servers_marker_end_only_that_connection(pki: DemoPki) -> None:
+    """The server sends CLOSE_REQ when its client asks and again when the client's stream
+    ends; both may cross the agent's marker on the shared stream. The second one used to hit
+    a finished flush deadline and take the whole agent down."""
+    script = ScriptedFlowServer(pki)
+    await script.server.start()
+
+    async def sink(reader: Any, writer: Any) -> None:
+        while await reader.read(1 << 16):
+            pass
+
+    running = RunningAgent(agent_config(pki, script.port))
+    try:
+        async with endpoint(sink) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            conn = (await next_of(script.shared_in)).conn_id
+            await script.shared_out.put(Data(conn, bytes(THRESHOLD)))
+            assert await next_of(script.shared_in) == OwnStream(conn)
+            assert await next_of(script.own_in) == OwnStream(conn)
+            for _ in range(2):
+                await script.shared_out.put(CloseRequest(conn))
+            assert await next_of(script.own_in) == CloseResponse(conn)
+            await asyncio.sleep(0.5)  # let any late failure surface
+            assert not running.task.done(), running.task.exception() if running.task.done() else None
+            assert running.agent.clients.is_connected()
+    finally:
+        await running.stop()
+        await script.server.stop(0)
