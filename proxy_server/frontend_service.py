@@ -9,6 +9,7 @@ streams on one connection at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from functools import partial
@@ -22,6 +23,8 @@ from proxy_common.streams import ServerStream, next_outgoing, split_data
 from proxy_common.tasks import first_error, race
 from proxy_server.stream_loops import read_into
 from proxy_server.switchboard import Link, Switchboard
+
+LINGER_SECONDS = 60.0
 
 log = logging.getLogger("proxy_server.frontend")
 
@@ -69,3 +72,9 @@ class ProxyServicer:
                     return
                 observe(time.perf_counter() - started)
                 metrics.packet("to_client", message)
+        # Everything is written. As the Go server does, leave ending the stream to the client:
+        # ending the RPC now would make grpc reset the stream under a client that is still
+        # sending, and a grpc.aio client then fails its call and loses what it has not read
+        # yet. The reader ends when the client ends its side and cancels this wait; unlike the
+        # reference, a client that never does is released after LINGER_SECONDS.
+        await asyncio.sleep(LINGER_SECONDS)

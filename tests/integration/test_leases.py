@@ -144,7 +144,8 @@ async def test_gc_keeps_a_lease_renewed_between_list_and_delete(fleet: Fleet, fa
     assert await controller.collect_garbage() == 0
     kept = fake.lease(NS, "konnectivity-proxy-server-racing")
     assert kept is not None and kept["metadata"]["resourceVersion"] != stale["metadata"]["resourceVersion"]
-    assert server_metric(server, "lease_delete_total", http_status_code="409", reason="Conflict") == 1
+    # >= 1: the controller's own first pass at start-up may race this one to the same Lease
+    assert server_metric(server, "lease_delete_total", http_status_code="409", reason="Conflict") >= 1
     assert server.metrics.culled_leases.value() == 0
 
 
