@@ -17,27 +17,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 from proxy_common.certs import DemoPki, make_demo_pki
 from proxy_common.client import open_tunnel
+from proxy_common.tasks import run as arun  # the daemons' loop choice (uvloop when installed)
 
-T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def arun(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a driver coroutine on uvloop when installed, as the daemons do (asyncio otherwise)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def free_port() -> int:

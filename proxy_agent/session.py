@@ -229,11 +229,8 @@ class Session:
             return
         endpoint.close_reason = endpoint.close_reason or "close_request"
         endpoint.inbox.close()
-        if endpoint.deadline is not None:
-            try:
-                endpoint.deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
-            except RuntimeError:  # its block already ended: nothing left to bound
-                endpoint.deadline = None
+        if endpoint.deadline is not None:  # set only while its block runs (cleared on the way out)
+            endpoint.deadline.reschedule(asyncio.get_running_loop().time() + CLOSE_FLUSH_SECONDS)
 
     def _lose_tunnel(self) -> None:
         self.table.tunnel_lost()

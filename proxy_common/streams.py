@@ -22,11 +22,8 @@ from proxy_common.messages import Data, Message
 
 # Extra grpc channel arguments for every channel and server of ours, for tuning on other
 # machines: KONNECTIVITY_PY_GRPC_OPTIONS="grpc.http2.max_frame_size=65536,..." (integer values).
-# KONNECTIVITY_PY_FRAME=<bytes> is kept as a short form of grpc.http2.max_frame_size.
 def _transport_options(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, int]]:
     options: list[tuple[str, int]] = []
-    if "KONNECTIVITY_PY_FRAME" in environ:
-        options.append(("grpc.http2.max_frame_size", int(environ["KONNECTIVITY_PY_FRAME"])))
     for item in filter(None, environ.get("KONNECTIVITY_PY_GRPC_OPTIONS", "").split(",")):
         name, _, value = item.partition("=")
         options.append((name.strip(), int(value)))

@@ -12,9 +12,10 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("proxy_common.tasks")
+T = TypeVar("T")
 
 
 async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -> None:
@@ -80,7 +81,7 @@ async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -
         raise BaseExceptionGroup("race", errors)
 
 
-def run(main: Coroutine[Any, Any, int]) -> int:
+def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, on uvloop when it is installed (set KONNECTIVITY_PY_LOOP=asyncio to opt out).
 
     uvloop cuts the event loop's own cost per packet; grpc.aio runs on it unchanged."""

@@ -7,6 +7,8 @@ import asyncio
 import pytest
 
 from proxy_common.mailbox import Mailbox, MailboxClosed
+from proxy_common.messages import CloseResponse, Data, DialResponse, Message
+from proxy_common.streams import COALESCE_BYTES, next_outgoing, split_data
 from proxy_common.tasks import race
 
 
@@ -157,8 +159,6 @@ async def test_race_when_the_inline_side_swallows_our_cancellation() -> None:
 
 # ----------------------------------------------------------- coalescing writes
 async def test_queued_data_for_one_connection_goes_out_as_one_packet_in_order() -> None:
-    from proxy_common.messages import CloseResponse, Data, DialResponse, Message
-    from proxy_common.streams import COALESCE_BYTES, next_outgoing
 
     box: Mailbox[Message] = Mailbox(1 << 30, lambda m: len(m.data) if type(m) is Data else 0)
     quarter = bytes(COALESCE_BYTES // 4)
@@ -186,8 +186,6 @@ async def test_queued_data_for_one_connection_goes_out_as_one_packet_in_order() 
 
 
 async def test_a_small_packet_waits_a_few_loop_turns_for_its_followers() -> None:
-    from proxy_common.messages import Data, Message
-    from proxy_common.streams import next_outgoing
 
     box: Mailbox[Message] = Mailbox(1 << 20, lambda m: len(m.data) if type(m) is Data else 0)
     box.force(Data(1, b"first "))
@@ -196,8 +194,6 @@ async def test_a_small_packet_waits_a_few_loop_turns_for_its_followers() -> None
 
 
 def test_split_data_cuts_only_data_and_keeps_an_error_on_the_last_piece() -> None:
-    from proxy_common.messages import CloseResponse, Data
-    from proxy_common.streams import split_data
 
     assert split_data(CloseResponse(3), 2) == [CloseResponse(3)]
     assert split_data(Data(3, b"abcde"), 8) == [Data(3, b"abcde")]
