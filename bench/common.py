@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,14 +118,20 @@ def processes(
         for index in range(agents)
     ]
     running = Processes(work, pki, uds, endpoint_port, server, agent_procs[0], endpoint, agent_procs[1:])
+    finished = False
     try:
         arun(wait_ready(running, http_connect="--mode=http-connect" in server_args))
         yield running
+        finished = True
     finally:
         for proc in (server, *agent_procs, endpoint):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
+        if finished:
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # keep the daemons' logs for whoever reads the failure
+            print(f"bench: logs kept in {work}", file=sys.stderr)
 
 
 async def _echo_once_grpc(running: Processes) -> None:

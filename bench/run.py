@@ -18,10 +18,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from bench import grpc_floor
 from bench.common import (
     MiB,
     Processes,
-    RssSampler,
     arun,
     cpu_seconds,
     machine,
@@ -188,39 +188,48 @@ class CpuMeter:
         }
 
 
-async def hold_tunnels(running: Processes, count: int) -> dict[str, float]:
-    """Open `count` tunnels at once over one reusable connection; keep them all open."""
+async def hold_tunnels(running: Processes, count: int, *, own_connections: bool = False) -> dict[str, float]:
+    """Open `count` tunnels at once and keep them all open: over one reusable connection, or
+    each over its own connection (single-use, as kube-apiserver and the Go client dial)."""
     baseline = {name: rss_bytes(pid) for name, pid in running.pids().items()}
-    async with TunnelClient.over_uds(running.uds) as client:
-        semaphore = asyncio.Semaphore(256)
+    client = None if own_connections else TunnelClient.over_uds(running.uds)
+    tunnels: list[Any] = []
+    try:
+        semaphore = asyncio.Semaphore(128 if own_connections else 256)
 
         async def one() -> Any:
             async with semaphore:
-                tunnel = await client.dial(running.endpoint_address)
+                if client is None:
+                    tunnel = await open_tunnel(running.endpoint_address, uds_path=running.uds)
+                else:
+                    tunnel = await client.dial(running.endpoint_address)
+                tunnels.append(tunnel)
                 await tunnel.send(b"ECHO\n")
-                return tunnel
 
         started = time.perf_counter()
         async with asyncio.timeout(TIMEOUT):
             outcomes = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
         seconds = time.perf_counter() - started
-        tunnels = [t for t in outcomes if not isinstance(t, BaseException)]
+        succeeded = sum(1 for outcome in outcomes if not isinstance(outcome, BaseException))
         await asyncio.sleep(1.0)
         held = {name: rss_bytes(pid) for name, pid in running.pids().items()}
         # every tunnel still works while all are open
-        probe = tunnels[:: max(1, len(tunnels) // 50)]
-        for tunnel in probe:
+        for tunnel in tunnels[:: max(1, len(tunnels) // 50)]:
             await tunnel.send(b"p")
             assert await tunnel.receive() == b"p"
+    finally:
         await asyncio.gather(*(t.aclose() for t in tunnels))
+        if client is not None:
+            await client.aclose()
     return {
         "requested": count,
-        "succeeded": len(tunnels),
-        "opens_per_second": round(len(tunnels) / seconds, 1),
+        "succeeded": succeeded,
+        "opens_per_second": round(succeeded / seconds, 1),
         "server_rss_mib": round(held["server"] / MiB, 1),
         "agent_rss_mib": round(held["agent"] / MiB, 1),
         "server_rss_growth_mib": round((held["server"] - baseline["server"]) / MiB, 1),
         "agent_rss_growth_mib": round((held["agent"] - baseline["agent"]) / MiB, 1),
+        "server_kib_per_tunnel": round((held["server"] - baseline["server"]) / 1024 / max(1, succeeded), 1),
     }
 
 
@@ -258,14 +267,18 @@ def run(quick: bool) -> dict[str, Any]:
     with processes() as running:
         results["direct_tcp"] = arun(_direct(running, size, dials))
         results["grpc"] = arun(_tunnelled(running, open_grpc, size, dials))
-        with RssSampler(running.pids()):
-            results["grpc"]["held_tunnels"] = arun(hold_tunnels(running, held))
     # What a stock Go agent sends: 4 KiB DATA packets on the shared stream (no flow control).
-    with processes(agent_args=("--read-chunk-bytes=4096", "--flow-control=false"),
-                   agent_env={"KONNECTIVITY_PY_COALESCE_BYTES": "0"}) as running:
+    go_like_agent = {"agent_args": ("--read-chunk-bytes=4096", "--flow-control=false"),
+                     "agent_env": {"KONNECTIVITY_PY_COALESCE_BYTES": "0"}}
+    with processes(**go_like_agent) as running:
         results["grpc_4k_packets"] = arun(_small_packets(running, size))
-        with RssSampler(running.pids()):
-            results["grpc"]["held_tunnels_plain"] = arun(hold_tunnels(running, held))
+    # Each hold starts fresh daemons, so RSS growth per tunnel is theirs alone.
+    holds = {"held_tunnels": ({}, False), "held_tunnels_single_use": ({}, True),
+             "held_tunnels_plain": (go_like_agent, False)}
+    for name, (settings, own_connections) in holds.items():
+        with processes(**settings) as running:
+            results["grpc"][name] = arun(hold_tunnels(running, held, own_connections=own_connections))
+    results["grpc_floor"] = arun(grpc_floor.measure(held, dials // 2))
     try:
         with processes(server_args=("--mode=http-connect",)) as running:
             results["http_connect"] = arun(_tunnelled(running, open_http_connect, size, dials, check=False))
@@ -331,12 +344,19 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", f"agent sending 4 KiB packets (as the Go agent does), plain protocol: download "
                   f"{small['download_mib_s']} MiB/s, server {small['cpu_s_per_gib_download']['server']} CPU s/GiB "
                   f"({small['server_us_per_packet']} us per packet), agent {small['cpu_s_per_gib_download']['agent']} CPU s/GiB"]
-    held = results["grpc"]["held_tunnels"]
-    lines += ["", f"held tunnels: {held['succeeded']}/{held['requested']} open at {held['opens_per_second']}/s, "
-                  f"server RSS {held['server_rss_mib']} MiB, agent RSS {held['agent_rss_mib']} MiB"]
-    plain = results["grpc"]["held_tunnels_plain"]
-    lines += [f"held tunnels, plain protocol (no per-connection streams): {plain['succeeded']}/{plain['requested']} "
-              f"at {plain['opens_per_second']}/s, server RSS {plain['server_rss_mib']} MiB, agent RSS {plain['agent_rss_mib']} MiB"]
+    def held_line(label: str, held: dict[str, Any]) -> str:
+        return (f"{label}: {held['succeeded']}/{held['requested']} open at {held['opens_per_second']}/s, "
+                f"server RSS {held['server_rss_mib']} MiB ({held.get('server_kib_per_tunnel', '-')} KiB per tunnel), "
+                f"agent RSS {held['agent_rss_mib']} MiB")
+
+    lines += ["", held_line("held tunnels, one reusable connection", results["grpc"]["held_tunnels"]),
+              held_line("held tunnels, one connection each (as kube-apiserver dials)", results["grpc"]["held_tunnels_single_use"]),
+              held_line("held tunnels, plain protocol, one reusable connection", results["grpc"]["held_tunnels_plain"])]
+    floor = results["grpc_floor"]
+    lines += [f"grpc.aio floor (a bare grpc.aio echo server, same run): {floor['held_one_connection']['kib_per_stream']} KiB "
+              f"per held stream on one connection, {floor['held_own_connections']['kib_per_stream']} KiB with a connection "
+              f"each; a single-use dial with {grpc_floor.ROUND_TRIPS} round trips: p50 {floor['dial']['p50_ms']} ms, "
+              f"server {floor['dial']['server_cpu_ms_per_dial']} CPU ms"]
     grpc = results["grpc"]
     lines.append(f"ratios vs direct TCP: gRPC download {grpc['download_mib_s'] / direct['download_mib_s']:.3f}, "
                  f"upload {grpc['upload_mib_s'] / direct['upload_mib_s']:.3f}")
