@@ -30,6 +30,7 @@ from bench.common import (
     self_cpu_seconds,
     write_results,
 )
+from bench.raw_client import RawTunnel
 from proxy_common.client import TunnelClient, open_tunnel
 
 GiB = 1 << 30
@@ -160,6 +161,37 @@ async def echo_latencies(opener: Callable[[Processes], Awaitable[Conn]], running
     return latencies
 
 
+def raw_echo_latencies(running: Processes, count: int, budget: float) -> list[float]:
+    """The same dial + echo + close with the minimal raw HTTP/2 client (bench.raw_client),
+    whose own CPU is a fraction of grpc.aio's: closer to what a compiled client sees."""
+    payload = bytes(range(64))
+    latencies: list[float] = []
+    deadline = time.monotonic() + budget
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        started = time.perf_counter()
+        tunnel = RawTunnel(running.uds, running.endpoint_address)
+        try:
+            tunnel.send(b"ECHO\n" + payload)
+            got = b""
+            while len(got) < len(payload):
+                got += tunnel.receive()
+        finally:
+            tunnel.close()
+        latencies.append((time.perf_counter() - started) * 1000)
+    return latencies
+
+
+def raw_latency_suite(running: Processes, count: int) -> dict[str, Any]:
+    raw_echo_latencies(running, 50, 10)  # warm-up
+    with CpuMeter(running) as cpu:
+        latencies = raw_echo_latencies(running, count, 60)
+    figures = percentiles(latencies)
+    figures["cpu_s_per_1000_dials"] = {k: round(v * 1000 / len(latencies), 3) for k, v in cpu.used.items()}
+    return figures
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
@@ -267,6 +299,7 @@ def run(quick: bool) -> dict[str, Any]:
     with processes() as running:
         results["direct_tcp"] = arun(_direct(running, size, dials))
         results["grpc"] = arun(_tunnelled(running, open_grpc, size, dials))
+        results["grpc"]["echo_raw_client"] = raw_latency_suite(running, dials)
     # What a stock Go agent sends: 4 KiB DATA packets on the shared stream (no flow control).
     go_like_agent = {"agent_args": ("--read-chunk-bytes=4096", "--flow-control=false"),
                      "agent_env": {"KONNECTIVITY_PY_COALESCE_BYTES": "0"}}
@@ -333,6 +366,8 @@ def report(results: dict[str, Any]) -> str:
     row("echo p50 ms", lambda f: f["echo"]["p50_ms"])
     row("echo p90 ms", lambda f: f["echo"]["p90_ms"])
     row("echo p99 ms", lambda f: f["echo"]["p99_ms"])
+    row("echo p50 ms, raw client", lambda f: f["echo_raw_client"]["p50_ms"])
+    row("echo p99 ms, raw client", lambda f: f["echo_raw_client"]["p99_ms"])
     row("server CPU s/GiB down", lambda f: f["cpu_s_per_gib_download"]["server"])
     row("agent CPU s/GiB down", lambda f: f["cpu_s_per_gib_download"]["agent"])
     row("client CPU s/GiB down", lambda f: f["cpu_s_per_gib_download"]["client"])
@@ -340,6 +375,8 @@ def report(results: dict[str, Any]) -> str:
     row("agent CPU s/GiB up", lambda f: f["cpu_s_per_gib_upload"]["agent"])
     row("server CPU s/1k dials", lambda f: f["echo"]["cpu_s_per_1000_dials"]["server"])
     row("agent CPU s/1k dials", lambda f: f["echo"]["cpu_s_per_1000_dials"]["agent"])
+    row("client CPU s/1k dials", lambda f: f["echo"]["cpu_s_per_1000_dials"]["client"])
+    row("client CPU s/1k, raw", lambda f: f["echo_raw_client"]["cpu_s_per_1000_dials"]["client"])
     small = results["grpc_4k_packets"]
     lines += ["", f"agent sending 4 KiB packets (as the Go agent does), plain protocol: download "
                   f"{small['download_mib_s']} MiB/s, server {small['cpu_s_per_gib_download']['server']} CPU s/GiB "
@@ -363,6 +400,9 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"direct TCP": "tab:blue", "gRPC": "tab:orange", "gRPC, raw client": "tab:red", "HTTP-CONNECT": "tab:green"}
+
+
 def chart(results: dict[str, Any]) -> str:
     import matplotlib
 
@@ -377,13 +417,18 @@ def chart(results: dict[str, Any]) -> str:
     width = 0.8 / len(modes)
     for index, (name, figures) in enumerate(modes):
         xs = [i + index * width for i in range(len(metrics))]
-        left.bar(xs, [figures[m] for m in metrics], width, label=name)
-        right.bar([i + index * width for i in range(3)], [figures["echo"][p] for p in ("p50_ms", "p90_ms", "p99_ms")], width, label=name)
+        left.bar(xs, [figures[m] for m in metrics], width, label=name, color=COLORS[name])
+    latency_modes = [(name, figures["echo"]) for name, figures in modes]
+    latency_modes.insert(2, ("gRPC, raw client", results["grpc"]["echo_raw_client"]))
+    latency_width = 0.8 / len(latency_modes)
+    for index, (name, echo) in enumerate(latency_modes):
+        xs = [i + index * latency_width for i in range(3)]
+        right.bar(xs, [echo[p] for p in ("p50_ms", "p90_ms", "p99_ms")], latency_width, label=name, color=COLORS[name])
     left.set_xticks([i + width for i in range(len(metrics))], ["download", "upload", "8 parallel"])
     left.set_ylabel("MiB/s (log)")
     left.set_yscale("log")
     left.legend()
-    right.set_xticks([i + width for i in range(3)], ["p50", "p90", "p99"])
+    right.set_xticks([i + 0.4 - latency_width / 2 for i in range(3)], ["p50", "p90", "p99"])
     right.set_ylabel("open + 64 B echo + close, ms")
     right.legend()
     fig.suptitle("konnectivity-py on " + str(results["machine"]["cpus"]) + " cores")
