@@ -38,6 +38,10 @@ class Mailbox(Generic[T]):
         # Waiters are created only while someone waits: thousands of idle mailboxes stay small.
         self._reader: asyncio.Future[None] | None = None
         self._writers: list[asyncio.Future[None]] = []
+        # For a consumer that runs only while there is work (no task waits in get() while
+        # the mailbox is idle): called when an item arrives, or the mailbox closes, and no
+        # reader is waiting. It must not wait; it typically starts the consumer.
+        self.when_unattended: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -123,7 +127,10 @@ class Mailbox(Generic[T]):
         return self._take() if self._items and wanted(self._items[0]) else None
 
     def close(self) -> None:
-        """No more items will be accepted; the consumer drains what is queued, then gets None."""
+        """No more items will be accepted; the consumer drains what is queued, then gets None.
+        Closing again changes nothing."""
+        if self._closed:
+            return
         self._closed = True
         self._wake_reader()
         self._wake_writers()
@@ -142,8 +149,11 @@ class Mailbox(Generic[T]):
         return item
 
     def _wake_reader(self) -> None:
-        if self._reader is not None and not self._reader.done():
-            self._reader.set_result(None)
+        if self._reader is not None:
+            if not self._reader.done():
+                self._reader.set_result(None)
+        elif self.when_unattended is not None:
+            self.when_unattended()
 
     def _wake_writers(self) -> None:
         """Every waiting producer retries (each re-checks the room, in FIFO order, and waits

@@ -81,6 +81,24 @@ async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -
         raise BaseExceptionGroup("race", errors)
 
 
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until it has ended, even if the caller is cancelled meanwhile
+    (then the caller's cancellation is raised afterwards). The task's own error, if any, is
+    logged: nobody else will see it."""
+    task.cancel()
+    outer_cancel = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            outer_cancel = True
+            task.cancel()
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("error in a cancelled task task=%s error=%r", task.get_name(), task.exception())
+    if outer_cancel:
+        raise asyncio.CancelledError
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, on uvloop when it is installed (set KONNECTIVITY_PY_LOOP=asyncio to opt out).
 

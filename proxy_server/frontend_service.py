@@ -1,10 +1,11 @@
 """ProxyService.Proxy: one konnectivity-client stream, one dial.
 
-SHELL. One reader task and one writer task per stream. The reader hands every packet to
-the switchboard (and waits only when the agent stream is full); the writer drains the
-frontend's mailbox into the stream and ends it once the router says the tunnel is over.
-Nothing is tied to the HTTP/2 connection: a reusable-tunnel client may run many of these
-streams on one connection at once.
+SHELL. The RPC's own task reads: it hands every packet to the switchboard (and waits only
+when the agent stream is full). Writing runs in a task of its own that exists only while
+the frontend's mailbox holds something to write: it drains the mailbox into the stream and
+ends, so a held, idle tunnel costs no task, no waiter and no suspended coroutines besides
+the pending read (a control plane holds thousands). Nothing is tied to the HTTP/2
+connection: a reusable-tunnel client may run many of these streams on one connection.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import partial
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from proxy_common.errors import MalformedPacket
+from proxy_common.errors import MalformedPacket, TunnelClosed
 from proxy_common.streams import ServerStream, next_outgoing, split_data
-from proxy_common.tasks import first_error, race
-from proxy_server.stream_loops import read_into
+from proxy_common.tasks import cancel_and_wait
 from proxy_server.switchboard import Link, Switchboard
 
+# After everything is written the server leaves ending the stream to the client, as the Go
+# server does; unlike the reference, a client that never does is released after this.
 LINGER_SECONDS = 60.0
 
 log = logging.getLogger("proxy_server.frontend")
@@ -40,41 +41,95 @@ class ProxyServicer:
         return grpc.method_handlers_generic_handler("ProxyService", {"Proxy": method})
 
     async def proxy(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        metrics = self.board.metrics
-        frontend_id, link = self.board.open_frontend(f"proxy-stream peer={context.peer()}")
+        board = self.board
+        metrics = board.metrics
+        frontend_id, link = board.open_frontend(f"proxy-stream peer={context.peer()}")
         metrics.grpc_connections.labels("Proxy").inc()
-        stream = ServerStream(context)
+        frontend = _Frontend(self, ServerStream(context), link)
+        link.mailbox.when_unattended = frontend.start_writer
         try:
-            await race(
-                read_into(stream, partial(self.board.from_frontend, frontend_id, service_method="Proxy")),
-                self._write_loop(stream, link),
-                names=(f"frontend-reader id={frontend_id}", f"frontend-writer id={frontend_id}"),
-            )
-        except* MalformedPacket as group:
+            async with asyncio.timeout(None) as frontend.deadline:
+                while True:
+                    try:
+                        message = await frontend.stream.receive()
+                    except TunnelClosed:
+                        break
+                    await board.from_frontend(frontend_id, message, service_method="Proxy")
+        except TimeoutError:
+            pass  # the writer ended the stream: the client went away, or lingered too long
+        except MalformedPacket as exc:
+            await frontend.stop()
             metrics.undecodable_packet("from_client")
-            log.warning("malformed packet from frontend, ending stream error=%s", first_error(group))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first_error(group)))
+            log.warning("malformed packet from frontend, ending stream error=%s", exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
-            self.board.close_frontend(frontend_id)
-            metrics.grpc_connections.labels("Proxy").dec()
+            try:
+                await frontend.stop()  # raises CancelledError again if the RPC was cancelled meanwhile
+            finally:
+                board.close_frontend(frontend_id)
+                metrics.grpc_connections.labels("Proxy").dec()
 
-    async def _write_loop(self, stream: ServerStream, link: Link) -> None:
-        metrics = self.board.metrics
+
+class _Frontend:
+    """One Proxy stream's sending side: the writer task while there is something to write,
+    and the deadline of the RPC's reading, which the writer sets when the stream is done."""
+
+    __slots__ = ("deadline", "ended", "link", "servicer", "stream", "writer")
+
+    def __init__(self, servicer: ProxyServicer, stream: ServerStream, link: Link) -> None:
+        self.servicer = servicer
+        self.stream = stream
+        self.link = link
+        self.writer: asyncio.Task[None] | None = None
+        self.deadline: asyncio.Timeout | None = None
+        self.ended = False
+
+    def start_writer(self) -> None:
+        """The mailbox got something (or closed) while no writer runs."""
+        if self.writer is None and not self.ended:
+            self.writer = asyncio.create_task(self._write(), name=f"frontend-writer {self.link.label}")
+
+    async def stop(self) -> None:
+        self.ended = True
+        self.deadline = None
+        if self.writer is not None:
+            await cancel_and_wait(self.writer)
+
+    def _end_reading(self, seconds: float) -> None:
+        deadline = self.deadline
+        if deadline is not None and not deadline.expired():
+            deadline.reschedule(asyncio.get_running_loop().time() + seconds)
+
+    async def _write(self) -> None:
+        mailbox = self.link.mailbox
+        metrics = self.servicer.board.metrics
         observe = metrics.frontend_write_duration.observe
-        limit = self.max_data_bytes
-        while (queued := await next_outgoing(link.mailbox, limit)) is not None:
-            for message in split_data(queued, limit):
-                started = time.perf_counter()
-                try:
-                    await stream.send(message)
-                except grpc.aio.BaseError:  # the client went away while we wrote: nothing left to write to
-                    metrics.send_failed("to_client", message)
+        limit = self.servicer.max_data_bytes
+        try:
+            # Runs while there is something to write; the check and the exit below are one
+            # step (no await between), so whatever arrives later starts a new writer.
+            while len(mailbox) or mailbox.closed:
+                queued = await next_outgoing(mailbox, limit)
+                if queued is None:
+                    # Everything is written. As the Go server does, leave ending the stream to
+                    # the client: ending the RPC now would make grpc reset the stream under a
+                    # client that is still sending, and a grpc.aio client then fails its call
+                    # and loses what it has not read yet. Its reading ends when the client ends
+                    # its side; a client that never does is released after LINGER_SECONDS.
+                    self._end_reading(LINGER_SECONDS)
                     return
-                observe(time.perf_counter() - started)
-                metrics.packet("to_client", message)
-        # Everything is written. As the Go server does, leave ending the stream to the client:
-        # ending the RPC now would make grpc reset the stream under a client that is still
-        # sending, and a grpc.aio client then fails its call and loses what it has not read
-        # yet. The reader ends when the client ends its side and cancels this wait; unlike the
-        # reference, a client that never does is released after LINGER_SECONDS.
-        await asyncio.sleep(LINGER_SECONDS)
+                for message in split_data(queued, limit):
+                    started = time.perf_counter()
+                    try:
+                        await self.stream.send(message)
+                    except grpc.aio.BaseError:  # the client went away while we wrote
+                        metrics.send_failed("to_client", message)
+                        self._end_reading(0)
+                        return
+                    observe(time.perf_counter() - started)
+                    metrics.packet("to_client", message)
+        except Exception:  # a bug here must end this stream, not go unnoticed
+            log.exception("frontend writer failed, ending stream stream=%s", self.link.label)
+            self._end_reading(0)
+        finally:
+            self.writer = None

@@ -97,6 +97,40 @@ async def test_200_concurrent_connections_each_echo(stack: Stack) -> None:
     await stack.wait_idle()
 
 
+def frontend_writers() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "_Frontend._write"]
+
+
+async def test_idle_tunnels_hold_no_writer_task_and_get_one_for_new_data(stack: Stack) -> None:
+    # A control plane holds thousands of idle tunnels: the server writes to a client from a
+    # task that exists only while there is something to write.
+    await stack.add_agent()
+    async with endpoint(echo_handler) as ep, TunnelClient.over_uds(stack.uds) as client:
+        tunnels = [await client.dial(ep.address) for _ in range(20)]
+        try:
+            for round_ in range(2):
+                for index, tunnel in enumerate(tunnels):
+                    payload = f"round {round_} tunnel {index}".encode()
+                    await tunnel.send(payload)
+                    got = b""
+                    while len(got) < len(payload):
+                        got += await tunnel.receive()
+                    assert got == payload
+                await wait_for(lambda: not frontend_writers(), what="frontend writers to end while idle")
+            # While a client does not read, its writer waits in grpc's flow control: it exists.
+            bulk = os.urandom(8 << 20)
+            await tunnels[0].send(bulk)
+            await wait_for(lambda: len(frontend_writers()) == 1, what="a writer while the client does not read")
+            got = b""
+            while len(got) < len(bulk):
+                got += await tunnels[0].receive()
+            assert got == bulk
+            await wait_for(lambda: not frontend_writers(), what="the writer to end once all is read")
+        finally:
+            await asyncio.gather(*(t.aclose() for t in tunnels))
+    await stack.wait_idle()
+
+
 async def test_refused_dial_returns_the_reference_text(stack: Stack) -> None:
     await stack.add_agent()
     with pytest.raises(TunnelDialError) as refused:

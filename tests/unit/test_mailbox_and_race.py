@@ -9,7 +9,7 @@ import pytest
 from proxy_common.mailbox import Mailbox, MailboxClosed
 from proxy_common.messages import CloseResponse, Data, DialResponse, Message
 from proxy_common.streams import COALESCE_BYTES, next_outgoing, split_data
-from proxy_common.tasks import race
+from proxy_common.tasks import cancel_and_wait, race
 
 
 def sized() -> Mailbox[bytes]:
@@ -84,6 +84,85 @@ async def test_cancelled_get_leaves_the_mailbox_usable() -> None:
         await reader
     box.force(b"ok")
     assert await box.get() == b"ok"
+
+
+async def test_when_unattended_is_called_only_while_no_reader_waits() -> None:
+    box = sized()
+    calls: list[int] = []
+    box.when_unattended = lambda: calls.append(len(box))
+    box.force(b"a")  # nobody waits in get(): the consumer must be started
+    box.force(b"b")
+    assert calls == [1, 2]
+    assert [box.get_nowait(), box.get_nowait()] == [b"a", b"b"]
+    reader = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    box.force(b"c")  # a reader waits: it is woken instead
+    assert await asyncio.wait_for(reader, 1) == b"c"
+    assert calls == [1, 2]
+    box.close()  # the consumer must also learn of the close
+    assert calls == [1, 2, 0]
+
+
+async def test_close_twice_changes_nothing_and_calls_the_hook_once() -> None:
+    box = sized()
+    calls: list[bool] = []
+    box.when_unattended = lambda: calls.append(box.closed)
+    box.close()
+    box.close()
+    box.force(b"late")  # refused after close: no item, no call
+    assert calls == [True]
+    assert len(box) == 0 and await box.get() is None
+
+
+# -------------------------------------------------------------- cancel_and_wait
+async def test_cancel_and_wait_returns_once_the_task_has_ended() -> None:
+    cleaned = asyncio.Event()
+
+    async def worker() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0)  # cleanup that itself awaits
+            cleaned.set()
+
+    task = asyncio.create_task(worker())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task), 1)
+    assert task.cancelled() and cleaned.is_set()
+
+
+async def test_cancel_and_wait_finishes_the_task_before_passing_our_cancellation_on() -> None:
+    release = asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await release.wait()  # swallows the first cancellation while it winds down
+            raise
+
+    task = asyncio.create_task(slow_to_stop())
+    await asyncio.sleep(0)
+    stopper = asyncio.create_task(cancel_and_wait(task))
+    await asyncio.sleep(0.01)
+    stopper.cancel()  # the caller is cancelled while it waits
+    await asyncio.sleep(0.01)
+    assert task.done()  # cancelled again, so it did not wait for `release`
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stopper, 1)
+
+
+async def test_cancel_and_wait_logs_an_error_the_task_raised_while_stopping(caplog: pytest.LogCaptureFixture) -> None:
+    async def fails_on_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("boom in cleanup") from None
+
+    task = asyncio.create_task(fails_on_cancel(), name="cleanup-fails")
+    await asyncio.sleep(0)
+    await cancel_and_wait(task)
+    assert "cleanup-fails" in caplog.text and "boom in cleanup" in caplog.text
 
 
 # ------------------------------------------------------------------------ race
