@@ -32,7 +32,9 @@ class Mailbox(Generic[T]):
             raise ValueError("max_bytes must be positive")
         self.max_bytes = max_bytes
         self._size_of = size_of
-        self._items: deque[T] = deque()
+        # Made on the first item and dropped once drained: an idle mailbox holds no deque
+        # (its first block is over half a KiB, and a control plane keeps thousands idle).
+        self._items: deque[T] | None = None
         self._bytes = 0
         self._closed = False
         # Waiters are created only while someone waits: thousands of idle mailboxes stay small.
@@ -44,7 +46,7 @@ class Mailbox(Generic[T]):
         self.when_unattended: Callable[[], None] | None = None
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items is not None else 0
 
     @property
     def buffered_bytes(self) -> int:
@@ -62,6 +64,8 @@ class Mailbox(Generic[T]):
         if self._closed:
             return
         size = self._size_of(item)
+        if self._items is None:
+            self._items = deque()
         self._items.append(item)
         self._bytes += size
         self._wake_reader()
@@ -124,7 +128,8 @@ class Mailbox(Generic[T]):
 
     def get_nowait_if(self, wanted: Callable[[T], bool]) -> T | None:
         """The next item if there is one and `wanted(item)`; otherwise None and nothing taken."""
-        return self._take() if self._items and wanted(self._items[0]) else None
+        items = self._items
+        return self._take() if items and wanted(items[0]) else None
 
     def close(self) -> None:
         """No more items will be accepted; the consumer drains what is queued, then gets None.
@@ -137,12 +142,16 @@ class Mailbox(Generic[T]):
 
     def clear(self) -> None:
         """Drop everything queued (the consumer is gone)."""
-        self._items.clear()
+        self._items = None
         self._bytes = 0
         self._wake_writers()
 
     def _take(self) -> T:
-        item = self._items.popleft()
+        items = self._items
+        assert items is not None
+        item = items.popleft()
+        if not items:
+            self._items = None
         self._bytes -= self._size_of(item)
         if self._writers and self._bytes < self.max_bytes:
             self._wake_writers()

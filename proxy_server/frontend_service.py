@@ -55,6 +55,7 @@ class ProxyServicer:
                     except TunnelClosed:
                         break
                     await board.from_frontend(frontend_id, message, service_method="Proxy")
+                    del message  # an idle tunnel must not keep its last packet (and buffer) alive
         except TimeoutError:
             pass  # the writer ended the stream: the client went away, or lingered too long
         except MalformedPacket as exc:

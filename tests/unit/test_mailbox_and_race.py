@@ -103,6 +103,22 @@ async def test_when_unattended_is_called_only_while_no_reader_waits() -> None:
     assert calls == [1, 2, 0]
 
 
+async def test_an_idle_mailbox_holds_no_queue_storage() -> None:
+    box = sized()
+    assert box._items is None and len(box) == 0
+    box.force(b"ab")
+    box.force(b"cd")
+    assert await box.get() == b"ab"
+    assert box._items is not None  # still holding one
+    assert box.get_nowait() == b"cd"
+    assert box._items is None and len(box) == 0  # drained: the deque is gone
+    box.force(b"ef")
+    box.clear()
+    assert box._items is None and box.buffered_bytes == 0
+    box.force(b"gh")  # and it comes back for the next item
+    assert box.get_nowait_if(lambda item: item == b"gh") == b"gh"
+
+
 async def test_close_twice_changes_nothing_and_calls_the_hook_once() -> None:
     box = sized()
     calls: list[bool] = []
