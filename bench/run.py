@@ -34,6 +34,9 @@ from bench.raw_client import RawTunnel
 from proxy_common.client import TunnelClient, open_tunnel
 
 GiB = 1 << 30
+# Held tunnels are measured this long after the last open: long enough for the server to
+# retire the idle writers (frontend_service.IDLE_WRITER_SECONDS, at most twice that).
+HOLD_SETTLE_SECONDS = 5.0
 TIMEOUT = 120.0
 
 Opener = Callable[[Processes], Awaitable[tuple[Any, Any]]]  # -> (reader-like, writer-like)
@@ -243,7 +246,7 @@ async def hold_tunnels(running: Processes, count: int, *, own_connections: bool 
             outcomes = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
         seconds = time.perf_counter() - started
         succeeded = sum(1 for outcome in outcomes if not isinstance(outcome, BaseException))
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(HOLD_SETTLE_SECONDS)
         held = {name: rss_bytes(pid) for name, pid in running.pids().items()}
         # every tunnel still works while all are open
         for tunnel in tunnels[:: max(1, len(tunnels) // 50)]:

@@ -91,6 +91,7 @@ class ProxyServer:
         self._servers: list[grpc.aio.Server] = []
         self._uds_created = False
         self._http: HttpConnectFrontend | None = None
+        self._proxy_servicer: ProxyServicer | None = None
         self.metrics.data_bytes.live = self.board.live_bytes
         self.metrics_page = probes.MetricsPage(self.metrics.render, self.metrics.registry)
         self._probes: list[probes.ProbeServer] = []
@@ -119,6 +120,8 @@ class ProxyServer:
             *([controller.stop()] if controller is not None else []),
         )
         self.board.cancel_timers()
+        if self._proxy_servicer is not None:
+            self._proxy_servicer.close()
         await self._stop_probes()
         self._servers.clear()
         if self.token_auth is not None:
@@ -175,9 +178,8 @@ class ProxyServer:
     async def _start_grpc_frontend(self) -> None:
         c = self.config
         server = grpc.aio.server(options=self._frontend_options())
-        server.add_generic_rpc_handlers(
-            (ProxyServicer(self.board, max_data_bytes=self.config.frontend_data_bytes).handler(),)
-        )
+        self._proxy_servicer = ProxyServicer(self.board, max_data_bytes=self.config.frontend_data_bytes)
+        server.add_generic_rpc_handlers((self._proxy_servicer.handler(),))
         if c.uds_name:
             prepare_uds(c.uds_name, c.delete_existing_uds_file)
             mode = 0o660 if c.uds_group_access else 0o600

@@ -1,11 +1,12 @@
 """ProxyService.Proxy: one konnectivity-client stream, one dial.
 
 SHELL. The RPC's own task reads: it hands every packet to the switchboard (and waits only
-when the agent stream is full). Writing runs in a task of its own that exists only while
-the frontend's mailbox holds something to write: it drains the mailbox into the stream and
-ends, so a held, idle tunnel costs no task, no waiter and no suspended coroutines besides
-the pending read (a control plane holds thousands). Nothing is tied to the HTTP/2
-connection: a reusable-tunnel client may run many of these streams on one connection.
+when the agent stream is full). Writing runs in a task of its own, started when the
+frontend's mailbox gets something and retired once the stream has been idle for
+IDLE_WRITER_SECONDS: a dial's few packets cost one task, and a held, idle tunnel costs no
+task, no waiter and no suspended coroutines besides the pending read (a control plane holds
+thousands). Nothing is tied to the HTTP/2 connection: a reusable-tunnel client may run many
+of these streams on one connection.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 
 from proxy_common.errors import MalformedPacket, TunnelClosed
+from proxy_common.messages import Message
 from proxy_common.streams import ServerStream, next_outgoing, split_data
 from proxy_common.tasks import cancel_and_wait
 from proxy_server.switchboard import Link, Switchboard
@@ -26,6 +28,19 @@ from proxy_server.switchboard import Link, Switchboard
 # After everything is written the server leaves ending the stream to the client, as the Go
 # server does; unlike the reference, a client that never does is released after this.
 LINGER_SECONDS = 60.0
+
+# A writer with nothing to write for this long (at most twice this) ends; the next packet
+# for the client starts a new one. Short enough that a burst of new tunnels never holds
+# thousands of writers at once (their memory would stay in the process's RSS), long enough
+# that one dial's packets, a round trip apart, share one writer.
+IDLE_WRITER_SECONDS = 0.5
+
+
+class _Retire:
+    """Queued behind everything else to tell an idle writer to end (never written)."""
+
+
+RETIRE = cast(Message, _Retire())
 
 log = logging.getLogger("proxy_server.frontend")
 
@@ -35,6 +50,34 @@ class ProxyServicer:
         self.board = board
         # DATA toward clients is cut to this size (--frontend-data-bytes): see split_data.
         self.max_data_bytes = max_data_bytes
+        self._writing: set[_Frontend] = set()  # frontends whose writer task runs
+        self._sweep: asyncio.TimerHandle | None = None  # armed while some writer runs
+
+    def close(self) -> None:
+        """The server is stopping: no sweep runs after this."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def writer_started(self, frontend: _Frontend) -> None:
+        self._writing.add(frontend)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_WRITER_SECONDS, self._retire_idle_writers)
+
+    def writer_stopped(self, frontend: _Frontend) -> None:
+        self._writing.discard(frontend)
+
+    def _retire_idle_writers(self) -> None:
+        """Ask every writer that wrote nothing since the last sweep, and has nothing queued, to
+        end. The request is queued behind everything else, so nothing is ever cut short."""
+        self._sweep = None
+        for frontend in self._writing:
+            mailbox = frontend.link.mailbox
+            if not frontend.wrote and not len(mailbox) and not mailbox.closed:
+                mailbox.force(RETIRE)
+            frontend.wrote = False
+        if self._writing:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_WRITER_SECONDS, self._retire_idle_writers)
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.proxy)
@@ -75,7 +118,7 @@ class _Frontend:
     """One Proxy stream's sending side: the writer task while there is something to write,
     and the deadline of the RPC's reading, which the writer sets when the stream is done."""
 
-    __slots__ = ("deadline", "ended", "link", "servicer", "stream", "writer")
+    __slots__ = ("deadline", "ended", "link", "servicer", "stream", "writer", "wrote")
 
     def __init__(self, servicer: ProxyServicer, stream: ServerStream, link: Link) -> None:
         self.servicer = servicer
@@ -84,11 +127,13 @@ class _Frontend:
         self.writer: asyncio.Task[None] | None = None
         self.deadline: asyncio.Timeout | None = None
         self.ended = False
+        self.wrote = False  # since the last sweep
 
     def start_writer(self) -> None:
         """The mailbox got something (or closed) while no writer runs."""
         if self.writer is None and not self.ended:
             self.writer = asyncio.create_task(self._write(), name=f"frontend-writer {self.link.label}")
+            self.servicer.writer_started(self)
 
     async def stop(self) -> None:
         self.ended = True
@@ -107,10 +152,12 @@ class _Frontend:
         observe = metrics.frontend_write_duration.observe
         limit = self.servicer.max_data_bytes
         try:
-            # Runs while there is something to write; the check and the exit below are one
-            # step (no await between), so whatever arrives later starts a new writer.
-            while len(mailbox) or mailbox.closed:
+            while True:
                 queued = await next_outgoing(mailbox, limit)
+                if queued is RETIRE:
+                    if len(mailbox) or mailbox.closed:
+                        continue  # something came after the request: keep going
+                    return  # idle: whatever comes next starts a new writer
                 if queued is None:
                     # Everything is written. As the Go server does, leave ending the stream to
                     # the client: ending the RPC now would make grpc reset the stream under a
@@ -119,6 +166,7 @@ class _Frontend:
                     # its side; a client that never does is released after LINGER_SECONDS.
                     self._end_reading(LINGER_SECONDS)
                     return
+                self.wrote = True
                 for message in split_data(queued, limit):
                     started = time.perf_counter()
                     try:
@@ -134,3 +182,4 @@ class _Frontend:
             self._end_reading(0)
         finally:
             self.writer = None
+            self.servicer.writer_stopped(self)

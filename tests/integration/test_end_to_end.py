@@ -15,6 +15,7 @@ import pytest
 
 from proxy_common.client import TunnelClient, TunnelDialError, connect_sync, open_tunnel
 from proxy_common.errors import TunnelClosed
+from proxy_server import frontend_service
 from proxy_server.app import ProxyServer
 from tests.harness import (
     Stack,
@@ -101,9 +102,10 @@ def frontend_writers() -> list[asyncio.Task[object]]:
     return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "_Frontend._write"]
 
 
-async def test_idle_tunnels_hold_no_writer_task_and_get_one_for_new_data(stack: Stack) -> None:
+async def test_idle_tunnels_hold_no_writer_task_and_get_one_for_new_data(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     # A control plane holds thousands of idle tunnels: the server writes to a client from a
-    # task that exists only while there is something to write.
+    # task that is retired once the stream has been idle for a while.
+    monkeypatch.setattr(frontend_service, "IDLE_WRITER_SECONDS", 0.1)
     await stack.add_agent()
     async with endpoint(echo_handler) as ep, TunnelClient.over_uds(stack.uds) as client:
         tunnels = [await client.dial(ep.address) for _ in range(20)]
@@ -128,6 +130,24 @@ async def test_idle_tunnels_hold_no_writer_task_and_get_one_for_new_data(stack: 
             await wait_for(lambda: not frontend_writers(), what="the writer to end once all is read")
         finally:
             await asyncio.gather(*(t.aclose() for t in tunnels))
+    await stack.wait_idle()
+
+
+async def test_a_busy_tunnel_keeps_one_writer_task(stack: Stack) -> None:
+    # A dial's packets toward the client (DIAL_RSP, DATA, CLOSE_RSP) come a round trip apart:
+    # one writer serves them all instead of a task per packet.
+    await stack.add_agent()
+    async with endpoint(echo_handler) as ep, TunnelClient.over_uds(stack.uds) as client:
+        tunnel = await client.dial(ep.address)
+        try:
+            seen: set[asyncio.Task[object]] = set(frontend_writers())
+            for index in range(10):
+                await tunnel.send(b"ping %d" % index)
+                assert await tunnel.receive() == b"ping %d" % index
+                seen.update(frontend_writers())
+            assert len(seen) == 1
+        finally:
+            await tunnel.aclose()
     await stack.wait_idle()
 
 
