@@ -1,8 +1,9 @@
 """The reader and writer loops the gRPC servicers share.
 
-SHELL. A servicer runs one reader and one writer per stream (under `tasks.race`): the
-reader hands every packet to the switchboard until the peer ends its side, the writer
-drains the stream's mailbox until it is closed or the peer has gone.
+SHELL. The agent-facing servicers run one reader and one writer per stream (under
+`tasks.race`): the reader hands every packet to the switchboard until the peer ends its
+side, the writer drains the stream's mailbox until it is closed or the peer has gone. (The
+client-facing Proxy stream keeps no idle writer: see frontend_service.)
 """
 
 from __future__ import annotations
