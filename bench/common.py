@@ -31,6 +31,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def bounded(count: int, budget: float) -> Iterator[int]:
+    """Up to `count` rounds, none started after `budget` seconds."""
+    deadline = time.monotonic() + budget
+    for index in range(count):
+        if time.monotonic() > deadline:
+            return
+        yield index
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

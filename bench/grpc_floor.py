@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from bench.common import MiB, arun, cpu_seconds, rss_bytes
+from bench.common import MiB, arun, bounded, cpu_seconds, rss_bytes
 from proxy_common import runtime
 
 METHOD = "/ProxyService/Proxy"
@@ -113,11 +113,8 @@ async def held_streams(proc: subprocess.Popen[bytes], uds: str, count: int, *, o
 async def dials(proc: subprocess.Popen[bytes], uds: str, count: int, budget: float) -> dict[str, float]:
     """Single-use dials shaped like a tunnel's; p50 latency and server CPU per dial."""
     latencies: list[float] = []
-    deadline = time.monotonic() + budget
     cpu_before = cpu_seconds(proc.pid)
-    for _ in range(count):
-        if time.monotonic() > deadline:
-            break
+    for _ in bounded(count, budget):
         started = time.perf_counter()
         channel = _channel(uds)
         try:

@@ -23,6 +23,7 @@ from bench.common import (
     MiB,
     Processes,
     arun,
+    bounded,
     cpu_seconds,
     machine,
     processes,
@@ -149,10 +150,7 @@ async def parallel_download(opener: Callable[[Processes], Awaitable[Conn]], runn
 async def echo_latencies(opener: Callable[[Processes], Awaitable[Conn]], running: Processes, count: int, budget: float) -> list[float]:
     payload = bytes(range(64))
     latencies: list[float] = []
-    deadline = time.monotonic() + budget
-    for _ in range(count):
-        if time.monotonic() > deadline:
-            break
+    for _ in bounded(count, budget):
         started = time.perf_counter()
         conn = await opener(running)
         await conn.send(b"ECHO\n" + payload)
@@ -169,10 +167,7 @@ def raw_echo_latencies(running: Processes, count: int, budget: float) -> list[fl
     whose own CPU is a fraction of grpc.aio's: closer to what a compiled client sees."""
     payload = bytes(range(64))
     latencies: list[float] = []
-    deadline = time.monotonic() + budget
-    for _ in range(count):
-        if time.monotonic() > deadline:
-            break
+    for _ in bounded(count, budget):
         started = time.perf_counter()
         tunnel = RawTunnel(running.uds, running.endpoint_address)
         try:
@@ -190,6 +185,10 @@ def raw_latency_suite(running: Processes, count: int) -> dict[str, Any]:
     raw_echo_latencies(running, 50, 10)  # warm-up
     with CpuMeter(running) as cpu:
         latencies = raw_echo_latencies(running, count, 60)
+    return latency_figures(latencies, cpu)
+
+
+def latency_figures(latencies: list[float], cpu: CpuMeter) -> dict[str, Any]:
     figures = percentiles(latencies)
     figures["cpu_s_per_1000_dials"] = {k: round(v * 1000 / len(latencies), 3) for k, v in cpu.used.items()}
     return figures
@@ -289,9 +288,7 @@ async def latency_suite(running: Processes, opener: Callable[[Processes], Awaita
     await echo_latencies(opener, running, 50, 10)  # warm-up
     with CpuMeter(running) as cpu:
         latencies = await echo_latencies(opener, running, count, 60)
-    figures = percentiles(latencies)
-    figures["cpu_s_per_1000_dials"] = {k: round(v * 1000 / len(latencies), 3) for k, v in cpu.used.items()}
-    return figures
+    return latency_figures(latencies, cpu)
 
 
 def run(quick: bool) -> dict[str, Any]:
