@@ -52,17 +52,18 @@ class ProxyServicer:
         self.max_data_bytes = max_data_bytes
         self._writing: set[_Frontend] = set()  # frontends whose writer task runs
         self._sweep: asyncio.TimerHandle | None = None  # armed while some writer runs
+        self._closed = False
 
     def close(self) -> None:
         """The server is stopping: no sweep runs after this."""
+        self._closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
 
     def writer_started(self, frontend: _Frontend) -> None:
         self._writing.add(frontend)
-        if self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(IDLE_WRITER_SECONDS, self._retire_idle_writers)
+        self._arm_sweep()
 
     def writer_stopped(self, frontend: _Frontend) -> None:
         self._writing.discard(frontend)
@@ -76,7 +77,10 @@ class ProxyServicer:
             if not frontend.wrote and not len(mailbox) and not mailbox.closed:
                 mailbox.force(RETIRE)
             frontend.wrote = False
-        if self._writing:
+        self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        if self._sweep is None and self._writing and not self._closed:
             self._sweep = asyncio.get_running_loop().call_later(IDLE_WRITER_SECONDS, self._retire_idle_writers)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -91,7 +95,8 @@ class ProxyServicer:
         frontend = _Frontend(self, ServerStream(context), link)
         link.mailbox.when_unattended = frontend.start_writer
         try:
-            async with asyncio.timeout(None) as frontend.deadline:
+            async with asyncio.timeout(None) as deadline:
+                frontend.deadline = deadline
                 while True:
                     try:
                         message = await frontend.stream.receive()
@@ -100,7 +105,12 @@ class ProxyServicer:
                     await board.from_frontend(frontend_id, message, service_method="Proxy")
                     del message  # an idle tunnel must not keep its last packet (and buffer) alive
         except TimeoutError:
-            pass  # the writer ended the stream: the client went away, or lingered too long
+            if not deadline.expired():
+                raise  # not ours
+            # The writer ended the stream: the client went away or lingered too long, or a bug.
+            if frontend.failure:
+                await frontend.stop()
+                await context.abort(grpc.StatusCode.INTERNAL, frontend.failure)
         except MalformedPacket as exc:
             await frontend.stop()
             metrics.undecodable_packet("from_client")
@@ -110,6 +120,7 @@ class ProxyServicer:
             try:
                 await frontend.stop()  # raises CancelledError again if the RPC was cancelled meanwhile
             finally:
+                link.mailbox.when_unattended = None  # no cycle through the hook: freed at once
                 board.close_frontend(frontend_id)
                 metrics.grpc_connections.labels("Proxy").dec()
 
@@ -118,7 +129,7 @@ class _Frontend:
     """One Proxy stream's sending side: the writer task while there is something to write,
     and the deadline of the RPC's reading, which the writer sets when the stream is done."""
 
-    __slots__ = ("deadline", "ended", "link", "servicer", "stream", "writer", "wrote")
+    __slots__ = ("deadline", "ended", "failure", "link", "servicer", "stream", "writer", "wrote")
 
     def __init__(self, servicer: ProxyServicer, stream: ServerStream, link: Link) -> None:
         self.servicer = servicer
@@ -128,6 +139,7 @@ class _Frontend:
         self.deadline: asyncio.Timeout | None = None
         self.ended = False
         self.wrote = False  # since the last sweep
+        self.failure = ""  # set when the writer failed unexpectedly
 
     def start_writer(self) -> None:
         """The mailbox got something (or closed) while no writer runs."""
@@ -138,8 +150,14 @@ class _Frontend:
     async def stop(self) -> None:
         self.ended = True
         self.deadline = None
-        if self.writer is not None:
-            await cancel_and_wait(self.writer)
+        writer = self.writer
+        if writer is not None:
+            try:
+                await cancel_and_wait(writer)
+            finally:
+                # A writer cancelled before its first step never runs its own finally.
+                self.writer = None
+                self.servicer.writer_stopped(self)
 
     def _end_reading(self, seconds: float) -> None:
         deadline = self.deadline
@@ -173,12 +191,15 @@ class _Frontend:
                         await self.stream.send(message)
                     except grpc.aio.BaseError:  # the client went away while we wrote
                         metrics.send_failed("to_client", message)
+                        self.ended = True  # no new writer for a stream whose client is gone
                         self._end_reading(0)
                         return
                     observe(time.perf_counter() - started)
                     metrics.packet("to_client", message)
         except Exception:  # a bug here must end this stream, not go unnoticed
             log.exception("frontend writer failed, ending stream stream=%s", self.link.label)
+            self.ended = True
+            self.failure = "proxy-server failed to write to this stream"
             self._end_reading(0)
         finally:
             self.writer = None
