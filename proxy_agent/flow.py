@@ -36,6 +36,7 @@ from proxy_common.errors import MalformedPacket, TunnelBroken, TunnelClosed
 from proxy_common.messages import Data, Message, OwnStream, packet_type_name
 from proxy_common.metrics import go_code_name
 from proxy_common.streams import ClientStream
+from proxy_common.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from proxy_agent.session import Session, _Endpoint
@@ -140,13 +141,25 @@ async def _down_after_switch(
 async def _up_until_either_ends(
     session: Session, endpoint: _Endpoint, stream: ClientStream, reader: asyncio.StreamReader, down_task: asyncio.Task[None]
 ) -> None:
-    """Copy endpoint bytes to the stream until the endpoint's EOF or the reader task ends."""
+    """Copy endpoint bytes to the stream until the endpoint's EOF or the reader task ends.
+
+    When the reader task ends first (a close request), a read from the endpoint is simply
+    cancelled, but a write already under way is let finish: cancelling a grpc.aio write
+    cancels the whole call, and the CLOSE_RSP that follows would be lost (while the server
+    still waits for this stream to claim the connection, the frontend would wait for it)."""
     chunk_size = session.config.read_chunk_bytes
+    writing = False
+    stopping = False
 
     async def up() -> None:
-        while chunk := await reader.read(chunk_size):
+        nonlocal writing
+        while not stopping and (chunk := await reader.read(chunk_size)):
             endpoint.bytes_out += len(chunk)
-            await _send(session, stream, Data(endpoint.conn_id, chunk))
+            writing = True
+            try:
+                await _send(session, stream, Data(endpoint.conn_id, chunk))
+            finally:
+                writing = False
 
     up_task = asyncio.create_task(up(), name=f"conn-stream-writer conn_id={endpoint.conn_id}")
     try:
@@ -154,9 +167,17 @@ async def _up_until_either_ends(
         if up_task.done():
             up_task.result()
     finally:
-        up_task.cancel()  # it reads the socket or waits to write: safe to cancel now
-        with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
-            await up_task
+        stopping = True
+        if not writing:
+            up_task.cancel()  # it waits on the socket: safe to cancel
+        try:
+            await asyncio.wait((up_task,))  # a write under way ends first, then the loop stops
+        except asyncio.CancelledError:
+            await cancel_and_wait(up_task)  # we are cancelled meanwhile: the write goes too
+            raise
+        error = None if up_task.cancelled() else up_task.exception()
+        if error is not None and not isinstance(error, STREAM_ERRORS):
+            raise error
 
 
 async def _down(session: Session, endpoint: _Endpoint, stream: ClientStream, writer: asyncio.StreamWriter) -> None:

@@ -36,6 +36,7 @@ from tests.harness import (
     echo_handler,
     endpoint,
     server_metric,
+    source_handler,
     wait_for,
 )
 
@@ -526,3 +527,24 @@ async def test_two_close_requests_before_the_servers_marker_end_only_that_connec
     finally:
         await running.stop()
         await script.server.stop(0)
+
+
+@pytest.mark.parametrize("threshold", [0, THRESHOLD])
+async def test_a_close_while_the_agent_writes_on_the_own_stream_is_answered_on_it(stack: Stack, threshold: int) -> None:
+    # The endpoint keeps sending and the client has stopped reading, so the agent's pump waits
+    # in a write on the connection's own stream when the close request comes. Cancelling that
+    # write would cancel the whole stream and lose the agent's CLOSE_RSP; the server would
+    # only learn of the close from the stream's end (or, mid-switch, not at all for 10 s).
+    await stack.add_agent(flow_upgrade_bytes=threshold)
+    async with endpoint(source_handler(1 << 30)) as src:
+        tunnel = await open_tunnel(src.address, uds_path=stack.uds)
+        got = 0
+        while got < 2 * THRESHOLD:
+            got += len(await tunnel.receive())
+        await wait_for(lambda: on_own_streams(stack) == [True], what="the connection on its own stream")
+        await wait_for(lambda: stack.server.board.buffered_bytes() >= 1 << 20, what="backpressure up to the agent")
+        await tunnel.aclose()
+        assert tunnel.close_error == ""
+    assert server_metric(stack.server, "closed_connections_total", reason="agent_closed") == 1
+    assert server_metric(stack.server, "closed_connections_total", reason="stream_lost") == 0
+    await assert_tables_empty(stack)
