@@ -52,6 +52,10 @@ class ConnectionServicer:
         if backend_id is None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown or ended agent session")
         assert backend_id is not None
+        # Headers now, on their own: riding on the first packet, they would be lost with a
+        # write cut short by the stream's end, and grpc would then refuse the final status
+        # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, logged as an error: ~5% of a churn test's streams).
+        await context.send_initial_metadata(())
         stream = ServerStream(context)
         try:
             async with asyncio.timeout(FIRST_PACKET_SECONDS):

@@ -326,6 +326,20 @@ async def test_own_stream_arriving_before_the_marker_waits_for_it(stack: Stack) 
             own_call.cancel()
 
 
+async def test_a_connection_stream_gets_its_headers_before_any_packet(stack: Stack) -> None:
+    # Headers go out on their own when the stream opens: if they rode on the first packet and
+    # that write was cut short by the stream's end, grpc would refuse the final status
+    # (TOO_MANY_OPERATIONS, an error with a traceback in the server log).
+    async with raw_flow_agent(stack) as (channel, _shared, token):
+        await wait_for(lambda: stack.server.registry.is_ready(), what="agent registered")
+        own_call = channel.stream_stream(FLOW_METHOD)(metadata=((metadata.SESSION, token),))
+        try:
+            async with asyncio.timeout(2):
+                await own_call.initial_metadata()  # nothing sent yet, nothing to answer
+        finally:
+            own_call.cancel()
+
+
 # ------------------------------------------------------- the agent against a scripted server
 class ScriptedFlowServer:
     """Offers flow control on Connect and serves ConnectionService; the test drives both."""
