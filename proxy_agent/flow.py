@@ -111,7 +111,7 @@ async def _carry(
         pass
     finally:
         writer.transport.abort()
-        await _say_goodbye(session, endpoint.conn_id, stream, down_task)
+        await _say_goodbye(session, endpoint, stream, down_task)
 
 
 async def _down_after_switch(
@@ -182,6 +182,7 @@ async def _up_until_either_ends(
 
 async def _down(session: Session, endpoint: _Endpoint, stream: ClientStream, writer: asyncio.StreamWriter) -> None:
     """Apply what the server sends on this stream until CLOSE_REQ or the end of the stream."""
+    endpoint.reading_own_stream = True
     while True:
         try:
             message = await stream.receive()
@@ -216,15 +217,21 @@ async def _send(session: Session, stream: ClientStream, message: Message) -> Non
     session.metrics.packet("from_agent", message)
 
 
-async def _say_goodbye(session: Session, conn_id: int, stream: ClientStream, down_task: asyncio.Task[None] | None) -> None:
+async def _say_goodbye(session: Session, endpoint: _Endpoint, stream: ClientStream, down_task: asyncio.Task[None] | None) -> None:
     """CLOSE_RSP after all DATA, half-close, then let the server end the stream (bounded).
 
-    Cancelling the call earlier could make the server drop DATA it has not read yet."""
+    Cancelling the call earlier could make the server drop DATA it has not read yet. Who
+    watches for that end: the reader task if it already reads the stream (cancelling its
+    read would cancel the call); otherwise we do, and the reader task, still waiting for the
+    server's marker on the shared stream (which may come after the end, or never), goes."""
     call = stream.call
     try:
+        if down_task is not None and not endpoint.reading_own_stream:
+            down_task.cancel()  # it waits on the endpoint's inbox or socket: nothing is lost
+            await asyncio.wait((down_task,))
         with contextlib.suppress(*STREAM_ERRORS, TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError):
             async with asyncio.timeout(GOODBYE_SECONDS):
-                for action in session.table.endpoint_closed(conn_id):
+                for action in session.table.endpoint_closed(endpoint.conn_id):
                     if isinstance(action, (c.Send, c.SendOwn)):
                         await _send(session, stream, action.message)
                 await call.done_writing()

@@ -69,6 +69,7 @@ class _Endpoint:
     switching: bool = False
     pending_up: bytes | None = None
     own_stream: bool = False
+    reading_own_stream: bool = False  # a task waits in a read on the connection's own stream
 
 
 class Session:

@@ -85,12 +85,16 @@ async def drain(tunnel: Tunnel, limit: int | None = None) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def agent_endpoints(running: RunningAgent) -> int:
+    """Endpoint connections the agent still runs a task for, over all its server streams."""
+    return sum(len(session.endpoints) for session in running.agent.clients.sessions.values())
+
+
 async def assert_tables_empty(stack: Stack) -> None:
     await stack.wait_idle()
     board = stack.server.board
     await wait_for(lambda: not board.connection_links and not board.frontends, what="server links gone")
-    await wait_for(lambda: not any(s.endpoints for a in stack.agents for s in a.agent.clients.sessions.values()),
-                   what="agent endpoints gone")
+    await wait_for(lambda: not any(agent_endpoints(a) for a in stack.agents), what="agent endpoints gone")
 
 
 async def test_small_connections_never_leave_the_shared_stream(stack: Stack) -> None:
@@ -452,7 +456,10 @@ async def test_agent_endpoint_closing_during_the_switch_closes_on_the_own_stream
             assert await next_of(script.own_in) == CloseResponse(conn)
             async with asyncio.timeout(5):
                 await script.own_ended.wait()
-            await wait_for(lambda: running.connection_count() == 0, what="agent table empty")
+            # The server ended the stream without its marker: nothing of the connection is left
+            # waiting for it (its reader task used to wait until the session ended).
+            await wait_for(lambda: running.connection_count() == 0 and not agent_endpoints(running),
+                           what="agent table and connection tasks empty")
             assert script.shared_in.empty()
     finally:
         await running.stop()
