@@ -268,6 +268,8 @@ class HttpConnectFrontend:
         while (message := await link.mailbox.get()) is not None:
             reply = answers.reply_to(message)
             if reply.data:
+                if writer.transport.is_closing():  # the client went away (uvloop refuses the write)
+                    raise _ClientGone
                 started = time.perf_counter()
                 writer.write(reply.data)
                 await self._drain_or_give_up(writer, link)
