@@ -47,6 +47,10 @@ STREAM_ERRORS = (TunnelClosed, TunnelBroken, MalformedPacket, ConnectionError, O
 # only this connection's stream waits meanwhile, so a slow client keeps every byte. Losing
 # the session (or the agent stopping) cancels the wait sooner.
 GOODBYE_SECONDS = 3600.0
+# How the reader task may end once the endpoint is closed: a packet for the endpoint meets
+# its aborted socket (uvloop refuses the write, asyncio's drain fails), or an answer meets
+# the stream we already half-closed. The goodbye then reads to the stream's end itself.
+GOODBYE_READER_ERRORS = (*STREAM_ERRORS, RuntimeError, asyncio.InvalidStateError, grpc.aio.UsageError)
 CLOSE_FLUSH_SECONDS = 5.0
 
 
@@ -164,20 +168,29 @@ async def _up_until_either_ends(
     up_task = asyncio.create_task(up(), name=f"conn-stream-writer conn_id={endpoint.conn_id}")
     try:
         await asyncio.wait((down_task, up_task), return_when=asyncio.FIRST_COMPLETED)
-        if up_task.done():
-            up_task.result()
+    except asyncio.CancelledError:
+        await cancel_and_wait(up_task, STREAM_ERRORS)  # the agent is stopping: a write under way goes too
+        raise
+    if up_task.done():
+        up_task.result()
+        return
+    # The reader task ended first (a close request): stop reading the endpoint, but give a
+    # write under way a bounded time to finish so that the call, and the CLOSE_RSP after it,
+    # survive.
+    stopping = True
+    if not writing:
+        up_task.cancel()  # it waits on the socket: safe to cancel
+    try:
+        async with asyncio.timeout(CLOSE_FLUSH_SECONDS):
+            await asyncio.wait((up_task,))
+    except TimeoutError:
+        pass
     finally:
-        stopping = True
-        if not writing:
-            up_task.cancel()  # it waits on the socket: safe to cancel
-        try:
-            await asyncio.wait((up_task,))  # a write under way ends first, then the loop stops
-        except asyncio.CancelledError:
-            await cancel_and_wait(up_task)  # we are cancelled meanwhile: the write goes too
-            raise
-        error = None if up_task.cancelled() else up_task.exception()
-        if error is not None and not isinstance(error, STREAM_ERRORS):
-            raise error
+        if not up_task.done():  # out of time, or we are cancelled: the write goes too
+            await cancel_and_wait(up_task, STREAM_ERRORS)
+    error = None if up_task.cancelled() else up_task.exception()
+    if error is not None and not isinstance(error, STREAM_ERRORS):
+        raise error
 
 
 async def _down(session: Session, endpoint: _Endpoint, stream: ClientStream, writer: asyncio.StreamWriter) -> None:
@@ -236,14 +249,11 @@ async def _say_goodbye(session: Session, endpoint: _Endpoint, stream: ClientStre
                         await _send(session, stream, action.message)
                 await call.done_writing()
                 if down_task is not None and not down_task.done():
-                    await asyncio.shield(down_task)
-                else:
-                    with contextlib.suppress(TunnelClosed):
-                        while True:  # nobody else reads now: wait for the server's end of stream
-                            await stream.receive()
+                    await asyncio.wait((down_task,))  # it may also end early: see below
+                with contextlib.suppress(TunnelClosed):
+                    while True:  # nobody else reads now: wait for the server's end of stream
+                        await stream.receive()
     finally:  # even when we are cancelled meanwhile: the call and its reader never outlive us
         call.cancel()
         if down_task is not None:
-            down_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
-                await down_task
+            await cancel_and_wait(down_task, GOODBYE_READER_ERRORS)

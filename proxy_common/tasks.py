@@ -81,10 +81,10 @@ async def race(*coros: Coroutine[Any, Any, None], names: tuple[str, ...] = ()) -
         raise BaseExceptionGroup("race", errors)
 
 
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+async def cancel_and_wait(task: asyncio.Task[Any], expected: tuple[type[BaseException], ...] = ()) -> None:
     """Cancel `task` and wait until it has ended, even if the caller is cancelled meanwhile
     (then the caller's cancellation is raised afterwards). The task's own error, if any, is
-    logged: nobody else will see it."""
+    logged unless it is one of `expected`: nobody else will see it."""
     task.cancel()
     outer_cancel = False
     while not task.done():
@@ -93,8 +93,9 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         except asyncio.CancelledError:
             outer_cancel = True
             task.cancel()
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("error in a cancelled task task=%s error=%r", task.get_name(), task.exception())
+    error = None if task.cancelled() else task.exception()
+    if error is not None and not isinstance(error, expected):
+        log.warning("error in a cancelled task task=%s error=%r", task.get_name(), error)
     if outer_cancel:
         raise asyncio.CancelledError
 

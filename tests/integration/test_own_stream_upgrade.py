@@ -466,6 +466,101 @@ async def test_agent_endpoint_closing_during_the_switch_closes_on_the_own_stream
         await script.server.stop(0)
 
 
+class StallingOwnStreamServer(ScriptedFlowServer):
+    """Reads only the first packet of an own stream, then nothing: the agent's writes on it
+    fill the HTTP/2 window and block."""
+
+    async def _own(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            await self.own_in.put(await ServerStream(context).receive())
+            await asyncio.Event().wait()
+        finally:
+            self.own_ended.set()
+
+
+async def test_stopping_the_agent_does_not_wait_for_a_blocked_write_on_an_own_stream(pki: DemoPki) -> None:
+    script = StallingOwnStreamServer(pki)
+    await script.server.start()
+
+    async def endless(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(bytes(64 << 10))
+            await writer.drain()
+
+    running = RunningAgent(agent_config(pki, script.port, flow_upgrade_bytes=0))
+    try:
+        async with endpoint(endless) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            assert type(await next_of(script.own_in)) is DialResponse  # first on its own stream
+            (session,) = running.agent.clients.sessions.values()
+            (conn,) = session.endpoints.values()
+            carried = -1
+            async with asyncio.timeout(10):
+                while conn.bytes_out != carried:  # until the pump waits in a write that cannot end
+                    carried = conn.bytes_out
+                    await asyncio.sleep(0.3)
+            async with asyncio.timeout(5):
+                await running.stop()  # what SIGTERM does after the drain grace
+    finally:
+        await running.stop()
+        await script.server.stop(0)
+
+
+class LateDataServer(ScriptedFlowServer):
+    """On an own stream: reads up to the agent's CLOSE_RSP and half-close, sends one more DATA
+    (it was on its way), then ends the stream itself a little later if nobody cancelled it."""
+
+    def __init__(self, pki: DemoPki) -> None:
+        super().__init__(pki)
+        self.ended_by_us = asyncio.Event()
+
+    async def _own(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        stream = ServerStream(context)
+        try:
+            first = await stream.receive()
+            await self.own_in.put(first)
+            while type(message := await stream.receive()) is not CloseResponse:
+                await self.own_in.put(message)
+            await self.own_in.put(message)
+            with contextlib.suppress(TunnelClosed):
+                await stream.receive()  # the agent's half-close
+            await stream.send(Data(first.conn_id, b"late"))
+            await asyncio.sleep(0.3)
+            self.ended_by_us.set()
+        finally:
+            self.own_ended.set()
+
+
+async def test_data_arriving_after_the_endpoint_closed_does_not_cut_the_goodbye_short(pki: DemoPki) -> None:
+    # The agent must leave ending the stream to the server (cancelling earlier can drop what
+    # it wrote last); a packet for the already closed endpoint must not make it cancel.
+    script = LateDataServer(pki)
+    await script.server.start()
+
+    async def says_hello_and_closes(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello")
+        await writer.drain()
+
+    running = RunningAgent(agent_config(pki, script.port, flow_upgrade_bytes=0))
+    try:
+        async with endpoint(says_hello_and_closes) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            response = await next_of(script.own_in)
+            assert type(response) is DialResponse
+            assert await next_of(script.own_in) == Data(response.conn_id, b"hello")
+            assert await next_of(script.own_in) == CloseResponse(response.conn_id)
+            async with asyncio.timeout(5):
+                await script.own_ended.wait()
+            assert script.ended_by_us.is_set()  # not cancelled by the agent meanwhile
+            await wait_for(lambda: running.connection_count() == 0 and not agent_endpoints(running),
+                           what="agent table and connection tasks empty")
+    finally:
+        await running.stop()
+        await script.server.stop(0)
+
+
 async def test_an_endpoint_that_stops_reading_mid_switch_slows_only_itself(stack: Stack) -> None:
     """The client uploads to an endpoint that reads nothing for a while: its connection moves
     onto its own stream and stalls there, the others carry on, and nothing is lost."""
