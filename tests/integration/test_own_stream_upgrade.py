@@ -478,33 +478,41 @@ class StallingOwnStreamServer(ScriptedFlowServer):
             self.own_ended.set()
 
 
-async def test_stopping_the_agent_does_not_wait_for_a_blocked_write_on_an_own_stream(pki: DemoPki) -> None:
-    script = StallingOwnStreamServer(pki)
+@contextlib.asynccontextmanager
+async def dialled_on_own_stream(
+    script: ScriptedFlowServer, pki: DemoPki, handler: Any
+) -> AsyncIterator[tuple[RunningAgent, DialResponse]]:
+    """An agent of `script`'s that dialed `handler`'s endpoint straight onto an own stream."""
     await script.server.start()
+    running = RunningAgent(agent_config(pki, script.port, flow_upgrade_bytes=0))
+    try:
+        async with endpoint(handler) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            response = await next_of(script.own_in)
+            assert type(response) is DialResponse  # first on its own stream
+            yield running, response
+    finally:
+        await running.stop()
+        await script.server.stop(0)
 
+
+async def test_stopping_the_agent_does_not_wait_for_a_blocked_write_on_an_own_stream(pki: DemoPki) -> None:
     async def endless(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             writer.write(bytes(64 << 10))
             await writer.drain()
 
-    running = RunningAgent(agent_config(pki, script.port, flow_upgrade_bytes=0))
-    try:
-        async with endpoint(endless) as ep:
-            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
-            await script.shared_out.put(DialRequest(1, ep.address))
-            assert type(await next_of(script.own_in)) is DialResponse  # first on its own stream
-            (session,) = running.agent.clients.sessions.values()
-            (conn,) = session.endpoints.values()
-            carried = -1
-            async with asyncio.timeout(10):
-                while conn.bytes_out != carried:  # until the pump waits in a write that cannot end
-                    carried = conn.bytes_out
-                    await asyncio.sleep(0.3)
-            async with asyncio.timeout(5):
-                await running.stop()  # what SIGTERM does after the drain grace
-    finally:
-        await running.stop()
-        await script.server.stop(0)
+    async with dialled_on_own_stream(StallingOwnStreamServer(pki), pki, endless) as (running, _response):
+        (session,) = running.agent.clients.sessions.values()
+        (conn,) = session.endpoints.values()
+        carried = -1
+        async with asyncio.timeout(10):
+            while conn.bytes_out != carried:  # until the pump waits in a write that cannot end
+                carried = conn.bytes_out
+                await asyncio.sleep(0.3)
+        async with asyncio.timeout(5):
+            await running.stop()  # what SIGTERM does after the drain grace
 
 
 class LateDataServer(ScriptedFlowServer):
@@ -535,30 +543,19 @@ class LateDataServer(ScriptedFlowServer):
 async def test_data_arriving_after_the_endpoint_closed_does_not_cut_the_goodbye_short(pki: DemoPki) -> None:
     # The agent must leave ending the stream to the server (cancelling earlier can drop what
     # it wrote last); a packet for the already closed endpoint must not make it cancel.
-    script = LateDataServer(pki)
-    await script.server.start()
-
     async def says_hello_and_closes(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"hello")
         await writer.drain()
 
-    running = RunningAgent(agent_config(pki, script.port, flow_upgrade_bytes=0))
-    try:
-        async with endpoint(says_hello_and_closes) as ep:
-            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
-            await script.shared_out.put(DialRequest(1, ep.address))
-            response = await next_of(script.own_in)
-            assert type(response) is DialResponse
-            assert await next_of(script.own_in) == Data(response.conn_id, b"hello")
-            assert await next_of(script.own_in) == CloseResponse(response.conn_id)
-            async with asyncio.timeout(5):
-                await script.own_ended.wait()
-            assert script.ended_by_us.is_set()  # not cancelled by the agent meanwhile
-            await wait_for(lambda: running.connection_count() == 0 and not agent_endpoints(running),
-                           what="agent table and connection tasks empty")
-    finally:
-        await running.stop()
-        await script.server.stop(0)
+    script = LateDataServer(pki)
+    async with dialled_on_own_stream(script, pki, says_hello_and_closes) as (running, response):
+        assert await next_of(script.own_in) == Data(response.conn_id, b"hello")
+        assert await next_of(script.own_in) == CloseResponse(response.conn_id)
+        async with asyncio.timeout(5):
+            await script.own_ended.wait()
+        assert script.ended_by_us.is_set()  # not cancelled by the agent meanwhile
+        await wait_for(lambda: running.connection_count() == 0 and not agent_endpoints(running),
+                       what="agent table and connection tasks empty")
 
 
 async def test_an_endpoint_that_stops_reading_mid_switch_slows_only_itself(stack: Stack) -> None:
