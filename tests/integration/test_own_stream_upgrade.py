@@ -397,73 +397,75 @@ async def next_of(queue: asyncio.Queue[Message]) -> Message:
         return await queue.get()
 
 
+@contextlib.asynccontextmanager
+async def scripted_dial(
+    script: ScriptedFlowServer, pki: DemoPki, handler: Any, *, flow_upgrade_bytes: int = THRESHOLD
+) -> AsyncIterator[tuple[RunningAgent, Any, DialResponse]]:
+    """An agent of `script`'s that dialed `handler`'s endpoint: (agent, endpoint, DIAL_RSP).
+    The DIAL_RSP comes on the shared stream, or first on the own stream when the threshold is 0."""
+    await script.server.start()
+    running = RunningAgent(agent_config(pki, script.port, flow_upgrade_bytes=flow_upgrade_bytes))
+    try:
+        async with endpoint(handler) as ep:
+            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
+            await script.shared_out.put(DialRequest(1, ep.address))
+            response = await next_of(script.own_in if flow_upgrade_bytes == 0 else script.shared_in)
+            assert type(response) is DialResponse
+            yield running, ep, response
+    finally:
+        await running.stop()
+        await script.server.stop(0)
+
+
 async def test_agent_close_request_before_the_servers_marker_flushes_then_closes_on_the_own_stream(pki: DemoPki) -> None:
     script = ScriptedFlowServer(pki)
-    await script.server.start()
     received = bytearray()
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(1 << 16):
             received.extend(data)
 
-    running = RunningAgent(agent_config(pki, script.port))
-    try:
-        async with endpoint(sink) as ep:
-            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
-            await script.shared_out.put(DialRequest(1, ep.address))
-            response = await next_of(script.shared_in)
-            assert type(response) is DialResponse and response.conn_id and not response.error
-            conn = response.conn_id
-            payload = pieces(THRESHOLD, b"before-close", 4096)
-            for part in payload:  # past the threshold: the agent moves the connection
-                await script.shared_out.put(Data(conn, part))
-            assert await next_of(script.shared_in) == OwnStream(conn)  # its marker on the shared stream
-            assert await next_of(script.own_in) == OwnStream(conn)  # and first on the own stream
-            # The frontend closes before our marker goes back: CLOSE_REQ on the shared stream.
-            await script.shared_out.put(CloseRequest(conn))
-            await script.shared_out.put(OwnStream(conn))
-            assert await next_of(script.own_in) == CloseResponse(conn)  # on the own stream, not the shared one
-            async with asyncio.timeout(5):
-                await script.own_ended.wait()
-            await wait_for(lambda: running.connection_count() == 0 and ep.open_connections == 0, what="agent closed it")
-            assert bytes(received) == b"".join(payload)
-            assert script.shared_in.empty()
-            assert agent_metric(running, "own_stream_upgrades_total") == 1
-    finally:
-        await running.stop()
-        await script.server.stop(0)
+    async with scripted_dial(script, pki, sink) as (running, ep, response):
+        assert response.conn_id and not response.error
+        conn = response.conn_id
+        payload = pieces(THRESHOLD, b"before-close", 4096)
+        for part in payload:  # past the threshold: the agent moves the connection
+            await script.shared_out.put(Data(conn, part))
+        assert await next_of(script.shared_in) == OwnStream(conn)  # its marker on the shared stream
+        assert await next_of(script.own_in) == OwnStream(conn)  # and first on the own stream
+        # The frontend closes before our marker goes back: CLOSE_REQ on the shared stream.
+        await script.shared_out.put(CloseRequest(conn))
+        await script.shared_out.put(OwnStream(conn))
+        assert await next_of(script.own_in) == CloseResponse(conn)  # on the own stream, not the shared one
+        async with asyncio.timeout(5):
+            await script.own_ended.wait()
+        await wait_for(lambda: running.connection_count() == 0 and ep.open_connections == 0, what="agent closed it")
+        assert bytes(received) == b"".join(payload)
+        assert script.shared_in.empty()
+        assert agent_metric(running, "own_stream_upgrades_total") == 1
 
 
 async def test_agent_endpoint_closing_during_the_switch_closes_on_the_own_stream(pki: DemoPki) -> None:
     script = ScriptedFlowServer(pki)
-    await script.server.start()
 
     async def read_threshold_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(THRESHOLD)
 
-    running = RunningAgent(agent_config(pki, script.port))
-    try:
-        async with endpoint(read_threshold_then_close) as ep:
-            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
-            await script.shared_out.put(DialRequest(1, ep.address))
-            response = await next_of(script.shared_in)
-            assert type(response) is DialResponse and response.conn_id
-            conn = response.conn_id
-            await script.shared_out.put(Data(conn, bytes(THRESHOLD)))
-            assert await next_of(script.shared_in) == OwnStream(conn)
-            assert await next_of(script.own_in) == OwnStream(conn)
-            # The endpoint is gone before the server's marker came back: the close goes after the marker.
-            assert await next_of(script.own_in) == CloseResponse(conn)
-            async with asyncio.timeout(5):
-                await script.own_ended.wait()
-            # The server ended the stream without its marker: nothing of the connection is left
-            # waiting for it (its reader task used to wait until the session ended).
-            await wait_for(lambda: running.connection_count() == 0 and not agent_endpoints(running),
-                           what="agent table and connection tasks empty")
-            assert script.shared_in.empty()
-    finally:
-        await running.stop()
-        await script.server.stop(0)
+    async with scripted_dial(script, pki, read_threshold_then_close) as (running, _ep, response):
+        assert response.conn_id
+        conn = response.conn_id
+        await script.shared_out.put(Data(conn, bytes(THRESHOLD)))
+        assert await next_of(script.shared_in) == OwnStream(conn)
+        assert await next_of(script.own_in) == OwnStream(conn)
+        # The endpoint is gone before the server's marker came back: the close goes after the marker.
+        assert await next_of(script.own_in) == CloseResponse(conn)
+        async with asyncio.timeout(5):
+            await script.own_ended.wait()
+        # The server ended the stream without its marker: nothing of the connection is left
+        # waiting for it (its reader task used to wait until the session ended).
+        await wait_for(lambda: running.connection_count() == 0 and not agent_endpoints(running),
+                       what="agent table and connection tasks empty")
+        assert script.shared_in.empty()
 
 
 class StallingOwnStreamServer(ScriptedFlowServer):
@@ -478,32 +480,13 @@ class StallingOwnStreamServer(ScriptedFlowServer):
             self.own_ended.set()
 
 
-@contextlib.asynccontextmanager
-async def dialled_on_own_stream(
-    script: ScriptedFlowServer, pki: DemoPki, handler: Any
-) -> AsyncIterator[tuple[RunningAgent, DialResponse]]:
-    """An agent of `script`'s that dialed `handler`'s endpoint straight onto an own stream."""
-    await script.server.start()
-    running = RunningAgent(agent_config(pki, script.port, flow_upgrade_bytes=0))
-    try:
-        async with endpoint(handler) as ep:
-            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
-            await script.shared_out.put(DialRequest(1, ep.address))
-            response = await next_of(script.own_in)
-            assert type(response) is DialResponse  # first on its own stream
-            yield running, response
-    finally:
-        await running.stop()
-        await script.server.stop(0)
-
-
 async def test_stopping_the_agent_does_not_wait_for_a_blocked_write_on_an_own_stream(pki: DemoPki) -> None:
     async def endless(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             writer.write(bytes(64 << 10))
             await writer.drain()
 
-    async with dialled_on_own_stream(StallingOwnStreamServer(pki), pki, endless) as (running, _response):
+    async with scripted_dial(StallingOwnStreamServer(pki), pki, endless, flow_upgrade_bytes=0) as (running, _ep, _rsp):
         (session,) = running.agent.clients.sessions.values()
         (conn,) = session.endpoints.values()
         carried = -1
@@ -548,7 +531,7 @@ async def test_data_arriving_after_the_endpoint_closed_does_not_cut_the_goodbye_
         await writer.drain()
 
     script = LateDataServer(pki)
-    async with dialled_on_own_stream(script, pki, says_hello_and_closes) as (running, response):
+    async with scripted_dial(script, pki, says_hello_and_closes, flow_upgrade_bytes=0) as (running, _ep, response):
         assert await next_of(script.own_in) == Data(response.conn_id, b"hello")
         assert await next_of(script.own_in) == CloseResponse(response.conn_id)
         async with asyncio.timeout(5):
@@ -616,30 +599,22 @@ async def test_two_close_requests_before_the_servers_marker_end_only_that_connec
     ends; both may cross the agent's marker on the shared stream. The second one used to hit
     a finished flush deadline and take the whole agent down."""
     script = ScriptedFlowServer(pki)
-    await script.server.start()
 
     async def sink(reader: Any, writer: Any) -> None:
         while await reader.read(1 << 16):
             pass
 
-    running = RunningAgent(agent_config(pki, script.port))
-    try:
-        async with endpoint(sink) as ep:
-            await wait_for(lambda: running.agent.clients.is_connected(), what="agent connected")
-            await script.shared_out.put(DialRequest(1, ep.address))
-            conn = (await next_of(script.shared_in)).conn_id
-            await script.shared_out.put(Data(conn, bytes(THRESHOLD)))
-            assert await next_of(script.shared_in) == OwnStream(conn)
-            assert await next_of(script.own_in) == OwnStream(conn)
-            for _ in range(2):
-                await script.shared_out.put(CloseRequest(conn))
-            assert await next_of(script.own_in) == CloseResponse(conn)
-            await asyncio.sleep(0.5)  # let any late failure surface
-            assert not running.task.done(), running.task.exception() if running.task.done() else None
-            assert running.agent.clients.is_connected()
-    finally:
-        await running.stop()
-        await script.server.stop(0)
+    async with scripted_dial(script, pki, sink) as (running, _ep, response):
+        conn = response.conn_id
+        await script.shared_out.put(Data(conn, bytes(THRESHOLD)))
+        assert await next_of(script.shared_in) == OwnStream(conn)
+        assert await next_of(script.own_in) == OwnStream(conn)
+        for _ in range(2):
+            await script.shared_out.put(CloseRequest(conn))
+        assert await next_of(script.own_in) == CloseResponse(conn)
+        await asyncio.sleep(0.5)  # let any late failure surface
+        assert not running.task.done(), running.task.exception() if running.task.done() else None
+        assert running.agent.clients.is_connected()
 
 
 @pytest.mark.parametrize("threshold", [0, THRESHOLD])
