@@ -56,8 +56,8 @@ async def test_a_packet_in_the_same_turn_as_the_rpc_cancel_leaves_no_writer_behi
         link.mailbox.force(Data(1, b"late"))  # and the agent's packet lands in the same turn
         await wait_for(lambda: not stack.server.board.frontends, what="the frontend to close")
         assert not servicer(stack)._writing
-        await asyncio.sleep(0.2)
-        assert servicer(stack)._sweep is None  # nothing left to sweep: the timer is not re-armed
+        # nothing left to sweep: the timer runs out and is not re-armed
+        await wait_for(lambda: servicer(stack)._sweep is None, what="the sweep timer to stop")
         await tunnel.aclose()  # type: ignore[attr-defined]
     await stack.wait_idle()
 
@@ -68,8 +68,7 @@ async def test_no_sweep_is_armed_after_the_servicer_closed(stack: Stack) -> None
         tunnel = await idle_tunnel(stack, client, ep.address)
         (link,) = stack.server.board.frontends.values()
         servicer(stack).close()  # the server is stopping
-        link.mailbox.force(Data(1, b"late"))  # a last packet still starts a writer ...
-        await asyncio.sleep(0)
+        link.mailbox.force(Data(1, b"late"))  # a last packet still starts a writer (inside force) ...
         assert servicer(stack)._sweep is None  # ... but no timer outlives the server
         await tunnel.aclose()  # type: ignore[attr-defined]
     await stack.wait_idle()

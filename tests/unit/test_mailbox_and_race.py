@@ -149,20 +149,22 @@ async def test_cancel_and_wait_returns_once_the_task_has_ended() -> None:
 
 async def test_cancel_and_wait_finishes_the_task_before_passing_our_cancellation_on() -> None:
     release = asyncio.Event()
+    winding_down = asyncio.Event()
 
     async def slow_to_stop() -> None:
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
+            winding_down.set()
             await release.wait()  # swallows the first cancellation while it winds down
             raise
 
     task = asyncio.create_task(slow_to_stop())
     await asyncio.sleep(0)
     stopper = asyncio.create_task(cancel_and_wait(task))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(winding_down.wait(), 1)
     stopper.cancel()  # the caller is cancelled while it waits
-    await asyncio.sleep(0.01)
+    await asyncio.wait((task,), timeout=1)
     assert task.done()  # cancelled again, so it did not wait for `release`
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(stopper, 1)
