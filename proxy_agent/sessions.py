@@ -67,7 +67,11 @@ def redact(text: str, secret: str) -> str:
 
 
 class Backoff:
-    """Exponential back-off with jitter: base, x1.5 per failure, capped."""
+    """Exponential back-off: base, x1.5 per failure, capped, then up to 10% jitter on top.
+
+    The jitter comes after the cap (as in Kubernetes' wait.Backoff): were it capped too, every
+    agent at the cap would wait exactly as long, and agents behind one round-robin balancer
+    could stay in step, each landing again and again on the server it already holds."""
 
     def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
         self.base, self.cap = base, cap
@@ -84,9 +88,8 @@ class Backoff:
         return delay
 
     def nth(self, failures: int) -> float:
-        """The wait after `failures` earlier failures in a row (with jitter, capped)."""
-        delay = min(self.cap, self.base * 1.5**failures)
-        return min(self.cap, delay * (1 + 0.1 * self._rng.random()))
+        """The wait after `failures` earlier failures in a row."""
+        return min(self.cap, self.base * 1.5**failures) * (1 + 0.1 * self._rng.random())
 
 
 def read_token(path: str) -> str:
