@@ -1,9 +1,10 @@
 """What grpc.aio itself costs: a bare echo server, measured beside the proxy in one run.
 
-The proxy-server's memory per held tunnel and its CPU per dial are mostly grpc's, not ours.
-To show which part is which, this starts a bare grpc.aio server in its own process: same
-Python, same grpcio, same runtime settings as the daemons (uvloop, malloc arenas, grpc
-experiments), one stream-stream method that echoes each message and nothing else. It then
+The proxy-server's frontend ran on grpc.aio until it got its own HTTP/2 server
+(proxy_server/grpc_native.py); a held grpc.aio stream cost more server memory than a whole
+tunnel does now. For that comparison, this starts a bare grpc.aio server in its own
+process: same Python, same grpcio, same runtime settings as the daemons (uvloop, malloc
+arenas, grpc experiments), one stream-stream method that echoes each message and nothing else. It then
 measures, on the same machine and in the same run as the proxy:
 
 * RSS growth per held stream, each stream on its own connection (what kube-apiserver and

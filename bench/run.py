@@ -390,7 +390,7 @@ def report(results: dict[str, Any]) -> str:
               held_line("held tunnels, one connection each (as kube-apiserver dials)", results["grpc"]["held_tunnels_single_use"]),
               held_line("held tunnels, plain protocol, one reusable connection", results["grpc"]["held_tunnels_plain"])]
     floor = results["grpc_floor"]
-    lines += [f"grpc.aio floor (a bare grpc.aio echo server, same run): {floor['held_one_connection']['kib_per_stream']} KiB "
+    lines += [f"grpc.aio for comparison (a bare grpc.aio echo server, same run): {floor['held_one_connection']['kib_per_stream']} KiB "
               f"per held stream on one connection, {floor['held_own_connections']['kib_per_stream']} KiB with a connection "
               f"each; a single-use dial with {grpc_floor.ROUND_TRIPS} round trips: p50 {floor['dial']['p50_ms']} ms, "
               f"server {floor['dial']['server_cpu_ms_per_dial']} CPU ms"]

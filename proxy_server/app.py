@@ -17,7 +17,7 @@ import grpc.aio
 
 from proxy_common import probes
 from proxy_common.errors import ConfigError
-from proxy_common.streams import TRANSPORT_OPTIONS
+from proxy_common.streams import PROXY_METHOD, TRANSPORT_OPTIONS
 from proxy_common.tasks import two_stage_signals
 from proxy_server import debug, tokenreview
 from proxy_server import leases as lease_control
@@ -27,7 +27,8 @@ from proxy_server.backends import BackendRegistry
 from proxy_server.config import ServerConfig
 from proxy_server.connection_service import ConnectionServicer
 from proxy_server.frontend_service import ProxyServicer
-from proxy_server.http_connect import HttpConnectFrontend, frontend_tls_context
+from proxy_server.grpc_native import NativeGrpcServer
+from proxy_server.http_connect import HttpConnectFrontend, bind_unix, frontend_tls_context
 from proxy_server.metrics import ServerMetrics
 from proxy_server.router import Router
 from proxy_server.switchboard import Switchboard
@@ -91,6 +92,7 @@ class ProxyServer:
         self._servers: list[grpc.aio.Server] = []
         self._uds_created = False
         self._http: HttpConnectFrontend | None = None
+        self._frontend: NativeGrpcServer | None = None
         self._proxy_servicer: ProxyServicer | None = None
         self.metrics.data_bytes.live = self.board.live_bytes
         self.metrics_page = probes.MetricsPage(self.metrics.render, self.metrics.registry)
@@ -115,8 +117,10 @@ class ProxyServer:
         Meanwhile the server's Lease is deleted, so agents counting Leases stop looking for it."""
         controller, self.lease_controller = self.lease_controller, None
         http, self._http = self._http, None
+        frontend, self._frontend = self._frontend, None
         await asyncio.gather(
             *(server.stop(grace) for server in self._servers), *([http.aclose(grace)] if http else []),
+            *([frontend.stop(grace)] if frontend else []),
             *([controller.stop()] if controller is not None else []),
         )
         self.board.cancel_timers()
@@ -177,32 +181,28 @@ class ProxyServer:
 
     async def _start_grpc_frontend(self) -> None:
         c = self.config
-        server = grpc.aio.server(options=self._frontend_options())
-        self._proxy_servicer = ProxyServicer(self.board, max_data_bytes=self.config.frontend_data_bytes)
-        server.add_generic_rpc_handlers((self._proxy_servicer.handler(),))
+        self._proxy_servicer = ProxyServicer(self.board, max_data_bytes=c.frontend_data_bytes)
+        server = NativeGrpcServer(
+            {PROXY_METHOD: self._proxy_servicer.proxy},
+            max_message_bytes=MAX_MESSAGE_BYTES, keepalive_time=c.frontend_keepalive_time,
+        )
+        self._frontend = server
         if c.uds_name:
             prepare_uds(c.uds_name, c.delete_existing_uds_file)
-            mode = 0o660 if c.uds_group_access else 0o600
-            old = os.umask(0o777 & ~mode)
+            sock = bind_unix(c.uds_name, 0o660 if c.uds_group_access else 0o600)
             try:
-                server.add_insecure_port(f"unix:{c.uds_name}")
-                await server.start()
-            finally:
-                os.umask(old)
-            os.chmod(c.uds_name, mode)
+                await server.listen_unix(sock)
+            except BaseException:
+                sock.close()
+                raise
             self._uds_created = True
             log.info("frontend listening mode=grpc uds=%s", c.uds_name)
         else:
-            credentials = grpc.ssl_server_credentials(
-                [(_read(c.server_key), _read(c.server_cert))],
-                root_certificates=_read(c.server_ca_cert),
-                require_client_auth=True,
+            tls = frontend_tls_context(
+                c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version, c.openssl_cipher_list()
             )
-            address = grpc_address(c.server_bind_address, c.server_port)
-            self.frontend_port = server.add_secure_port(address, credentials)
-            await server.start()
+            self.frontend_port = await server.listen_tcp(c.server_bind_address, c.server_port, tls)
             log.info("frontend listening mode=grpc address=%s mtls=true", grpc_address(c.server_bind_address, self.frontend_port))
-        self._servers.append(server)
 
     async def _start_http_connect_frontend(self) -> None:
         c = self.config
@@ -255,14 +255,6 @@ class ProxyServer:
             ("grpc.absolute_max_metadata_size", MAX_AGENT_METADATA_BYTES),
         ]
 
-    def _frontend_options(self) -> list[tuple[str, int]]:
-        return [
-            *TRANSPORT_OPTIONS,
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", int(self.config.frontend_keepalive_time * 1000)),
-        ]
 
 
 async def serve(config: ServerConfig) -> int:

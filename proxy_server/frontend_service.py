@@ -17,12 +17,12 @@ import time
 from typing import Any, cast
 
 import grpc
-import grpc.aio
 
 from proxy_common.errors import MalformedPacket, TunnelClosed
 from proxy_common.messages import Message
 from proxy_common.streams import ServerStream, next_outgoing, split_data
 from proxy_common.tasks import cancel_and_wait
+from proxy_server.grpc_native import CallGone, NativeCall
 from proxy_server.switchboard import Link, Switchboard
 
 # After everything is written the server leaves ending the stream to the client, as the Go
@@ -83,16 +83,12 @@ class ProxyServicer:
         if self._sweep is None and self._writing and not self._closed:
             self._sweep = asyncio.get_running_loop().call_later(IDLE_WRITER_SECONDS, self._retire_idle_writers)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(self.proxy)
-        return grpc.method_handlers_generic_handler("ProxyService", {"Proxy": method})
-
-    async def proxy(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def proxy(self, _requests: Any, context: NativeCall) -> None:
         board = self.board
         metrics = board.metrics
         frontend_id, link = board.open_frontend(f"proxy-stream peer={context.peer()}")
         metrics.grpc_connections.labels("Proxy").inc()
-        frontend = _Frontend(self, ServerStream(context), link)
+        frontend = _Frontend(self, ServerStream(context), link)  # type: ignore[arg-type]  # NativeCall has what it uses
         link.mailbox.when_unattended = frontend.start_writer
         try:
             async with asyncio.timeout(None) as deadline:
@@ -189,7 +185,7 @@ class _Frontend:
                     started = time.perf_counter()
                     try:
                         await self.stream.send(message)
-                    except grpc.aio.BaseError:  # the client went away while we wrote
+                    except CallGone:  # the client went away while we wrote
                         metrics.send_failed("to_client", message)
                         self.ended = True  # no new writer for a stream whose client is gone
                         self._end_reading(0)

@@ -22,6 +22,7 @@ PURE = [
     "proxy_server/config.py",
     "proxy_server/auth.py",
     "proxy_server/http_responses.py",
+    "proxy_server/h2_core.py",
     "proxy_agent/connections.py",
     "proxy_agent/config.py",
 ]
