@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from dataclasses import dataclass
 from typing import Final
 
 import hpack
@@ -63,60 +64,55 @@ class H2Error(Exception):
         self.code = code
 
 
-# Events. Plain slotted classes: one per message on the hot path.
+# Events (slotted, not frozen: one is made per message on the hot path).
+@dataclass(slots=True)
 class CallStarted:
-    __slots__ = ("headers", "path", "stream_id", "timeout")
+    stream_id: int
+    path: str
+    headers: dict[str, str]
+    timeout: float | None
 
-    def __init__(self, stream_id: int, path: str, headers: dict[str, str], timeout: float | None) -> None:
-        self.stream_id, self.path, self.headers, self.timeout = stream_id, path, headers, timeout
 
-
+@dataclass(slots=True)
 class MessageReceived:
-    __slots__ = ("payload", "stream_id")
-
-    def __init__(self, stream_id: int, payload: bytes) -> None:
-        self.stream_id, self.payload = stream_id, payload
+    stream_id: int
+    payload: bytes
 
 
+@dataclass(slots=True)
 class HalfClosed:
     """The client ended its side of the call (END_STREAM)."""
 
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
+    stream_id: int
 
 
+@dataclass(slots=True)
 class CallEnded:
-    """The call is gone from the connection before its handler finished: the client reset it,
-    or it broke a rule (then `status` says what the client was told)."""
+    """The call is gone from the connection before its handler finished: the client reset
+    it, or it broke a rule (then the client was sent a status that says which)."""
 
-    __slots__ = ("reason", "stream_id")
-
-    def __init__(self, stream_id: int, reason: str) -> None:
-        self.stream_id, self.reason = stream_id, reason
+    stream_id: int
+    reason: str
 
 
+@dataclass(slots=True)
 class Drained:
     """Everything queued on this call has been written (it was waiting for a window)."""
 
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
+    stream_id: int
 
 
+@dataclass(slots=True)
 class PingAcked:
-    __slots__ = ()
+    """The client answered our PING."""
 
 
+@dataclass(slots=True)
 class ConnectionClosing:
     """GOAWAY is queued (our error, or the client's GOAWAY): no new calls on this connection."""
 
-    __slots__ = ("code", "detail")
-
-    def __init__(self, code: int, detail: str) -> None:
-        self.code, self.detail = code, detail
+    code: int
+    detail: str
 
 
 Event = CallStarted | MessageReceived | HalfClosed | CallEnded | Drained | PingAcked | ConnectionClosing
