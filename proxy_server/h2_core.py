@@ -327,7 +327,7 @@ class ServerConnection:
             self._blocked.pop(stream.id, None)
             if not stream.remote_closed:
                 self._frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR))
-        elif stream.waiting:
+        if stream.waiting:  # a writer may still wait on it, even when the call is over
             stream.waiting = False
             self._events.append(Drained(stream.id))
 
