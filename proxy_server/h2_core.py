@@ -544,12 +544,15 @@ class ServerConnection:
         return True
 
     def _refuse(self, stream: _Stream, status: int, message: str) -> None:
-        """End a call the client broke at the gRPC level: status to the client, the handler cancelled."""
+        """End a call the client broke at the gRPC level: status to the client, the handler
+        cancelled. A call with output still queued (perhaps half a message out, perhaps its
+        trailers) cannot get a clean status any more: it is reset instead."""
         stream.parts = []
         stream.have = 0
-        stream.pending.clear()
-        stream.pending_bytes = 0
-        self.end_call(stream.id, status, message)
+        if stream.pending or stream.trailers is not None:
+            self.reset(stream.id, CANCEL)
+        else:
+            self.end_call(stream.id, status, message)
         self._events.append(CallEnded(stream.id, message))
 
     def _stream_error(self, stream: _Stream, code: int, detail: str) -> None:
@@ -589,8 +592,8 @@ class ServerConnection:
         stream = self._streams.get(stream_id)
         if stream is not None:  # trailers from the client
             if not end_stream:
-                raise H2Error(PROTOCOL_ERROR, "second HEADERS without END_STREAM")
-            if stream.remote_closed:
+                self._stream_error(stream, PROTOCOL_ERROR, "second HEADERS without END_STREAM")
+            elif stream.remote_closed:
                 self._stream_error(stream, STREAM_CLOSED, "HEADERS after END_STREAM")
             else:
                 self._half_close(stream)

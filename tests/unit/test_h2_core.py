@@ -260,3 +260,29 @@ def test_after_goaway_new_calls_are_refused_and_old_ones_go_on() -> None:
                                                  ("S", None), ("123456789S", None), ("5x", None)])
 def test_grpc_timeout(value: str, seconds: float | None) -> None:
     assert h2.parse_timeout(value) == seconds
+
+
+def test_a_broken_call_with_output_still_queued_is_reset_not_given_a_status() -> None:
+    """Its trailers (or half a message) are queued behind the window: a status now would
+    follow a cut-off message, so the call is reset and leaves the connection."""
+    peer = Peer(window=10)
+    peer.start()
+    peer.conn.send_message(1, b"x" * 100)
+    peer.conn.end_call(1, h2.OK)
+    peer.read()
+    [ended] = peer.send(frame(h2.DATA, 0, 1, message(b"x", flag=1)))
+    assert isinstance(ended, CallEnded)
+    assert peer.read() == [(h2.RST_STREAM, 0, 1, struct.pack(">I", h2.CANCEL))]
+    assert peer.conn.calls == 0
+
+
+def test_a_second_request_head_breaks_only_its_own_call() -> None:
+    peer = Peer()
+    peer.start(1)
+    peer.start(3)
+    peer.read()
+    [ended] = peer.start(1)  # HEADERS again, without END_STREAM
+    assert isinstance(ended, CallEnded)
+    assert peer.read() == [(h2.RST_STREAM, 0, 1, struct.pack(">I", h2.PROTOCOL_ERROR))]
+    [got] = peer.send(frame(h2.DATA, 0, 3, message(b"still here")))
+    assert isinstance(got, MessageReceived) and got.payload == b"still here"
