@@ -37,6 +37,8 @@ from proxy_server.h2_core import (
 )
 
 log = logging.getLogger("proxy_server.grpc")
+# hpack logs every decoded header at DEBUG: a client's credentials would reach the logs.
+logging.getLogger("hpack").setLevel(logging.WARNING)
 
 Handler = Callable[[Any, "NativeCall"], Awaitable[None]]
 

@@ -62,6 +62,11 @@ class _Refused(Exception):
         self.answer = answer
 
 
+# TLS 1.2 suites offered when --cipher-suites is not given: forward-secret AEAD suites only,
+# as grpc's default list and Go's secure defaults (no CBC suites).
+DEFAULT_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def frontend_tls_context(
     cert: str, key: str, ca: str, tls_min_version: str = "", ciphers: str = ""
 ) -> ssl.SSLContext:
@@ -70,8 +75,7 @@ def frontend_tls_context(
     reference's --cipher-suites does; TLS 1.3 suites are always on, as in Go."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls_min_version == "VersionTLS13" else ssl.TLSVersion.TLSv1_2
-    if ciphers:
-        context.set_ciphers(ciphers)
+    context.set_ciphers(ciphers or DEFAULT_TLS12_CIPHERS)
     context.load_cert_chain(cert, key)
     context.load_verify_locations(cafile=ca)
     context.verify_mode = ssl.CERT_REQUIRED

@@ -183,3 +183,16 @@ async def test_unknown_methods_and_many_calls_on_one_connection(served: tuple[Na
     # (grpc core closes a closed channel's socket late when the server shares its process,
     # so the connection itself is left to the fixture's stop.)
     await wait_for(lambda: not server.tasks, what="calls gone")
+
+
+async def test_request_headers_never_reach_the_logs(
+    served: tuple[NativeGrpcServer, Handlers, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """hpack logs each decoded header at DEBUG; with everything at DEBUG, a secret in the
+    request headers must still not be logged."""
+    _server, _handlers, path = served
+    with caplog.at_level(logging.DEBUG):
+        async with channel(path) as ch:
+            call = ch.stream_stream("/T/Hi")(metadata=(("authorization", "Bearer secret-token-value"),))
+            assert await asyncio.wait_for(call.read(), 5) == b"hi"
+    assert "secret-token-value" not in caplog.text

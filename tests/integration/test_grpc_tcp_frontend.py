@@ -6,6 +6,9 @@ client without a certificate, or with one from another CA, never gets a stream.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -116,3 +119,28 @@ async def test_backend_dial_timeout_over_mtls(pki: DemoPki, short_tmp: Path) -> 
         await stack.wait_idle()
     finally:
         await stack.stop()
+
+
+def _tls12_handshake(port: int, pki: DemoPki, ciphers: str) -> str:
+    """A TLS 1.2 handshake with a client certificate offering only `ciphers`: the suite, or "refused"."""
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(ciphers)
+    context.load_cert_chain(pki.client_cert, pki.client_key)
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+            return (tls.cipher() or ("",))[0]
+    except (ssl.SSLError, OSError):
+        return "refused"
+
+
+@pytest.mark.parametrize("weak", ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256"])
+async def test_weak_tls12_suites_are_not_offered_by_default(tcp_stack: Stack, pki: DemoPki, weak: str) -> None:
+    """Without --cipher-suites only forward-secret AEAD suites, as grpc's and Go's defaults."""
+    port = tcp_stack.server.frontend_port
+    assert await asyncio.to_thread(_tls12_handshake, port, pki, weak) == "refused"
+    good = "ECDHE-ECDSA-AES128-GCM-SHA256"
+    assert await asyncio.to_thread(_tls12_handshake, port, pki, good) == good
