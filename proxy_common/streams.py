@@ -20,7 +20,7 @@ from proxy_common.mailbox import Mailbox
 from proxy_common.messages import Data, Message
 
 
-# Extra grpc channel arguments for every channel and server of ours, for tuning on other
+# Extra grpc channel arguments for every grpc channel of ours (agent, client library), for tuning on other
 # machines: KONNECTIVITY_PY_GRPC_OPTIONS="grpc.http2.max_frame_size=65536,..." (integer values).
 def _transport_options(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, int]]:
     options: list[tuple[str, int]] = []

@@ -17,12 +17,12 @@ from functools import partial
 from typing import Any
 
 import grpc
-import grpc.aio
 
 from proxy_common import identifiers, metadata
 from proxy_common.errors import AuthError, MalformedPacket
 from proxy_common.streams import ServerStream
 from proxy_common.tasks import first_error, race
+from proxy_server.grpc_native import NativeCall
 from proxy_server.stream_loops import read_into, write_to_agent
 from proxy_server.switchboard import Switchboard
 
@@ -47,11 +47,7 @@ class AgentServicer:
         self.authenticate = authenticate
         self.flow_control = flow_control
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(self.connect)
-        return grpc.method_handlers_generic_handler("AgentService", {"Connect": method})
-
-    async def connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def connect(self, _requests: Any, context: NativeCall) -> None:
         md = tuple(context.invocation_metadata() or ())
         agent_id = metadata.single(md, metadata.AGENT_ID)
         if agent_id is None:
@@ -82,7 +78,7 @@ class AgentServicer:
 
     async def _serve(
         self,
-        context: grpc.aio.ServicerContext[Any, Any],
+        context: NativeCall,
         agent_id: str,
         agent_ids: identifiers.AgentIdentifiers,
         flow_token: str | None = None,
@@ -94,7 +90,7 @@ class AgentServicer:
             self.board.flow_sessions[flow_token] = backend_id
         metrics.grpc_connections.labels("Connect").inc()
         log.info("agent connected %s backend_id=%d", label, backend_id)
-        stream = ServerStream(context)
+        stream = ServerStream(context)  # type: ignore[arg-type]  # NativeCall has what it uses
         try:
             await race(
                 read_into(stream, partial(self.board.from_agent, backend_id, service_method="Connect")),
@@ -111,5 +107,5 @@ class AgentServicer:
             log.info("agent disconnected %s backend_id=%d", label, backend_id)
 
     @staticmethod
-    async def _refuse(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, reason: str) -> None:
+    async def _refuse(context: NativeCall, code: grpc.StatusCode, reason: str) -> None:
         await context.abort(code, reason)

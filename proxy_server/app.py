@@ -12,12 +12,9 @@ import os
 import stat
 from pathlib import Path
 
-import grpc
-import grpc.aio
-
 from proxy_common import probes
 from proxy_common.errors import ConfigError
-from proxy_common.streams import PROXY_METHOD, TRANSPORT_OPTIONS
+from proxy_common.streams import CONNECT_METHOD, PROXY_METHOD
 from proxy_common.tasks import two_stage_signals
 from proxy_server import debug, tokenreview
 from proxy_server import leases as lease_control
@@ -25,6 +22,7 @@ from proxy_server.agent_service import AgentServicer, Authenticator
 from proxy_server.auth import AuthPolicy
 from proxy_server.backends import BackendRegistry
 from proxy_server.config import ServerConfig
+from proxy_server.connection_service import SERVICE as CONNECTION_SERVICE
 from proxy_server.connection_service import ConnectionServicer
 from proxy_server.frontend_service import ProxyServicer
 from proxy_server.grpc_native import NativeGrpcServer
@@ -36,17 +34,12 @@ from proxy_server.switchboard import Switchboard
 log = logging.getLogger("proxy_server")
 
 MAX_MESSAGE_BYTES = 16 << 20
-MAX_AGENT_METADATA_BYTES = 16 << 10
 
 
 def grpc_address(host: str, port: int) -> str:
     if not host:
         return f"[::]:{port}"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _read(path: str) -> bytes:
-    return Path(path).read_bytes()
 
 
 def prepare_uds(path: str, delete_existing: bool) -> None:
@@ -89,7 +82,7 @@ class ProxyServer:
         self.lease_controller: lease_control.LeaseController | None = None
         self.agent_port = 0
         self.frontend_port = 0
-        self._servers: list[grpc.aio.Server] = []
+        self._agent_server: NativeGrpcServer | None = None
         self._uds_created = False
         self._http: HttpConnectFrontend | None = None
         self._frontend: NativeGrpcServer | None = None
@@ -101,7 +94,6 @@ class ProxyServer:
         self.admin_port_bound = 0
 
     async def start(self) -> None:
-        self._check_cipher_suites()
         self._start_token_auth()
         await self._start_probes()
         await self._start_agent_listener()
@@ -117,30 +109,22 @@ class ProxyServer:
         Meanwhile the server's Lease is deleted, so agents counting Leases stop looking for it."""
         controller, self.lease_controller = self.lease_controller, None
         http, self._http = self._http, None
-        frontend, self._frontend = self._frontend, None
+        grpc_servers = [server for server in (self._agent_server, self._frontend) if server is not None]
+        self._agent_server = self._frontend = None
         await asyncio.gather(
-            *(server.stop(grace) for server in self._servers), *([http.aclose(grace)] if http else []),
-            *([frontend.stop(grace)] if frontend else []),
+            *(server.stop(grace) for server in grpc_servers), *([http.aclose(grace)] if http else []),
             *([controller.stop()] if controller is not None else []),
         )
         self.board.cancel_timers()
         if self._proxy_servicer is not None:
             self._proxy_servicer.close()
         await self._stop_probes()
-        self._servers.clear()
         if self.token_auth is not None:
             await self.token_auth.aclose()
             self.token_auth = None
         if self._uds_created:
             remove_uds(self.config.uds_name)
             self._uds_created = False
-
-    def _check_cipher_suites(self) -> None:
-        """grpcio takes its cipher list from the environment when grpc is imported (the CLI sets it)."""
-        wanted = self.config.openssl_cipher_list()
-        if wanted and os.environ.get("GRPC_SSL_CIPHER_SUITES") != wanted:
-            raise ConfigError([f"--cipher-suites applies process-wide from the moment grpc is imported; start "
-                               f"through the proxy-server command or set GRPC_SSL_CIPHER_SUITES={wanted}"])
 
     def _start_lease_controller(self) -> None:
         """Publish and renew this server's Lease, and cull expired ones (--enable-lease-controller)."""
@@ -164,27 +148,25 @@ class ProxyServer:
 
     async def _start_agent_listener(self) -> None:
         c = self.config
-        server = grpc.aio.server(options=self._agent_options())
-        server.add_generic_rpc_handlers(
-            (AgentServicer(self.board, server_id=c.server_id, server_count=c.server_count,
-                           authenticate=self.authenticate, flow_control=c.flow_control).handler(),
-             ConnectionServicer(self.board).handler())
+        agents = AgentServicer(self.board, server_id=c.server_id, server_count=c.server_count,
+                               authenticate=self.authenticate, flow_control=c.flow_control)
+        server = NativeGrpcServer(
+            {CONNECT_METHOD: agents.connect, f"/{CONNECTION_SERVICE}/Stream": ConnectionServicer(self.board).stream},
+            max_message_bytes=MAX_MESSAGE_BYTES, keepalive_time=c.keepalive_time, name="agent port",
         )
-        ca = _read(c.cluster_ca_cert) if c.cluster_ca_cert else None
-        credentials = grpc.ssl_server_credentials(
-            [(_read(c.cluster_key), _read(c.cluster_cert))], root_certificates=ca, require_client_auth=ca is not None
-        )
-        self.agent_port = server.add_secure_port(grpc_address(c.agent_bind_address, c.agent_port), credentials)
-        await server.start()
-        self._servers.append(server)
-        log.info("agent port listening address=%s mtls=%s", grpc_address(c.agent_bind_address, self.agent_port), ca is not None)
+        tls = frontend_tls_context(c.cluster_cert, c.cluster_key, c.cluster_ca_cert or None, c.tls_min_version,
+                                   c.openssl_cipher_list())
+        self.agent_port = await server.listen_tcp(c.agent_bind_address, c.agent_port, tls)
+        self._agent_server = server
+        log.info("agent port listening address=%s mtls=%s", grpc_address(c.agent_bind_address, self.agent_port),
+                 bool(c.cluster_ca_cert))
 
     async def _start_grpc_frontend(self) -> None:
         c = self.config
         self._proxy_servicer = ProxyServicer(self.board, max_data_bytes=c.frontend_data_bytes)
         server = NativeGrpcServer(
             {PROXY_METHOD: self._proxy_servicer.proxy},
-            max_message_bytes=MAX_MESSAGE_BYTES, keepalive_time=c.frontend_keepalive_time,
+            max_message_bytes=MAX_MESSAGE_BYTES, keepalive_time=c.frontend_keepalive_time, name="frontend",
         )
         self._frontend = server
         if c.uds_name:
@@ -239,21 +221,6 @@ class ProxyServer:
         while self._probes:
             await self._probes.pop().aclose()
 
-    def _agent_options(self) -> list[tuple[str, int]]:
-        return [
-            *TRANSPORT_OPTIONS,
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", int(self.config.keepalive_time * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
-            ("grpc.http2.max_pings_without_data", 0),
-            # Headers of unauthenticated peers are bounded: above 16 KiB grpc refuses the stream
-            # (RESOURCE_EXHAUSTED) before any handler runs; soft = hard keeps that deterministic.
-            ("grpc.max_metadata_size", MAX_AGENT_METADATA_BYTES),
-            ("grpc.absolute_max_metadata_size", MAX_AGENT_METADATA_BYTES),
-        ]
 
 
 

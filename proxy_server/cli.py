@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -140,9 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return certs_command.main(words[1:])
     config, args = parse(words)
     logs.start_from_flags(args, logging.getLogger("proxy_server"))
-    if config.cipher_suites:
-        # grpcio reads its cipher list once, when grpc is imported: set it before that.
-        os.environ["GRPC_SSL_CIPHER_SUITES"] = config.openssl_cipher_list()
     runtime.prepare_process()  # before grpc is imported and starts its threads
     from proxy_server import app  # imported late so `--help` stays fast
 

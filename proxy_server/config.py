@@ -17,8 +17,8 @@ from proxy_server.backends import STRATEGIES
 
 MODES = ("grpc", "http-connect")
 TLS_VERSIONS = ("", "VersionTLS10", "VersionTLS11", "VersionTLS12", "VersionTLS13")
-# --cipher-suites: Go's names of its secure TLS 1.2 suites -> OpenSSL/BoringSSL names. grpcio
-# reads them from GRPC_SSL_CIPHER_SUITES once, when grpc is imported, for the whole process.
+# --cipher-suites: Go's names of its secure TLS 1.2 suites -> OpenSSL names, applied by both
+# TLS listeners (the agent port and the TCP frontend) through Python's ssl.
 CIPHER_SUITES = {
     "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
     "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
@@ -196,16 +196,13 @@ class ServerConfig:
 
     def _tls_problems(self) -> list[str]:
         problems = []
-        if self.tls_min_version == "VersionTLS13":
-            problems.append("--tls-min-version=VersionTLS13 cannot be honoured: grpcio offers no setting for the "
-                            "minimum TLS version, so TLS 1.2 would still be accepted (TLS 1.0 and 1.1 never are)")
         unknown = [s for s in self.cipher_suites if s not in CIPHER_SUITES and s not in TLS13_CIPHER_SUITES]
         if unknown:
             problems.append(f"--cipher-suites: {', '.join(unknown)} not allowed (weak or unknown); "
                             f"allowed: {', '.join([*CIPHER_SUITES, *TLS13_CIPHER_SUITES])}")
-        elif self.cipher_suites and not self.openssl_cipher_list():
-            problems.append("--cipher-suites names only TLS 1.3 suites; grpcio cannot turn TLS 1.2 off, "
-                            "so name at least one TLS 1.2 suite")
+        elif self.cipher_suites and not self.openssl_cipher_list() and self.tls_min_version != "VersionTLS13":
+            problems.append("--cipher-suites names only TLS 1.3 suites, which are always on (as in Go): name at "
+                            "least one TLS 1.2 suite, or use --tls-min-version=VersionTLS13 to turn TLS 1.2 off")
         return problems
 
     def _auth_problems(self) -> list[str]:

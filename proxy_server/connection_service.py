@@ -22,13 +22,13 @@ from functools import partial
 from typing import Any
 
 import grpc
-import grpc.aio
 
 from proxy_common import metadata
 from proxy_common.errors import MalformedPacket, TunnelClosed
 from proxy_common.messages import DialResponse, OwnStream
 from proxy_common.streams import ServerStream
 from proxy_common.tasks import first_error, race
+from proxy_server.grpc_native import NativeCall
 from proxy_server.stream_loops import read_into, write_to_agent
 from proxy_server.switchboard import Switchboard
 
@@ -42,11 +42,7 @@ class ConnectionServicer:
     def __init__(self, board: Switchboard) -> None:
         self.board = board
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(self.stream)
-        return grpc.method_handlers_generic_handler(SERVICE, {"Stream": method})
-
-    async def stream(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def stream(self, _requests: Any, context: NativeCall) -> None:
         token = metadata.single(context.invocation_metadata(), metadata.SESSION)
         backend_id = self.board.flow_sessions.get(token or "")
         if backend_id is None:
@@ -56,7 +52,7 @@ class ConnectionServicer:
         # write cut short by the stream's end, and grpc would then refuse the final status
         # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, logged as an error: ~5% of a churn test's streams).
         await context.send_initial_metadata(())
-        stream = ServerStream(context)
+        stream = ServerStream(context)  # type: ignore[arg-type]  # NativeCall has what it uses
         try:
             async with asyncio.timeout(FIRST_PACKET_SECONDS):
                 first = await stream.receive()

@@ -1,25 +1,26 @@
-"""A small gRPC server for the frontend: HTTP/2 by `h2_core`, driven by asyncio.
+"""proxy-server's gRPC server (the frontend and the agent port): HTTP/2 by `h2_core`, on asyncio.
 
 SHELL. One protocol object per connection feeds `h2_core.ServerConnection` and runs each
 call's handler in a task of its own. Handlers get a `NativeCall`, which has the part of
-grpc.aio's ServicerContext the Proxy servicer uses (read, write, abort, peer), so the same
-servicer runs here. Only streaming calls of raw bytes (no serializers), as ProxyService has.
+grpc.aio's ServicerContext our servicers use (read, write, abort, peer, invocation_metadata,
+send_initial_metadata), so the same servicers run here. Only streaming calls of raw bytes
+(no serializers), as ProxyService and AgentService have.
 
 Why: grpc.aio keeps about 23 KiB of server memory per held stream (38 KiB with a connection
 of its own, as kube-apiserver dials); with this server a whole held tunnel costs about 6 KiB
-(12 with its own connection), and a dial a little less CPU.
-The agent port stays on grpcio.
+(12 with its own connection), and each packet and dial much less CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -48,6 +49,10 @@ CLOSE_SECONDS = 5.0  # a closing connection whose client does not read its last 
 # Per connection: above this many bytes unsent, writers wait and the client's input is not
 # read (a client that sends PINGs but never reads their answers cannot grow our buffers).
 WRITE_BUFFER_HIGH = 1 << 20
+# Per connection: above this many bytes received and not yet read by the calls' handlers
+# (say, calls still waiting for their authentication), the client's input is not read until
+# the handlers have caught up to half of it.
+MAX_UNREAD_BYTES = 32 << 20
 
 
 class CallGone(Exception):
@@ -58,14 +63,28 @@ class _Aborted(Exception):
     """Raised by NativeCall.abort once the status is queued; the runner swallows it."""
 
 
+# Request headers that are HTTP/2 or gRPC transport, not the caller's metadata (as grpc).
+_NOT_METADATA = frozenset({"content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
+
+
+def _metadata(fields: list[tuple[str, str]]) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata as grpc.aio gives it: `-bin` values base64-decoded."""
+    return tuple(
+        (name, base64.b64decode(value + "=" * (-len(value) % 4)) if name.endswith("-bin") else value)
+        for name, value in fields
+        if not name.startswith(":") and name not in _NOT_METADATA
+    )
+
+
 class NativeCall:
     """One call, as its handler sees it."""
 
-    __slots__ = ("_connection", "_ended", "_eof", "_inbound", "_reader", "_writer", "stream_id", "task")
+    __slots__ = ("_connection", "_ended", "_eof", "_inbound", "_metadata", "_reader", "_writer", "stream_id", "task")
 
-    def __init__(self, connection: _Connection, stream_id: int) -> None:
+    def __init__(self, connection: _Connection, stream_id: int, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         self._connection = connection
         self.stream_id = stream_id
+        self._metadata = metadata
         self._inbound: deque[bytes] = deque()
         self._eof = False
         self._ended = False
@@ -75,6 +94,19 @@ class NativeCall:
 
     def peer(self) -> str:
         return self._connection.peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        """The response headers, now (before any message), with `metadata`."""
+        fields = [
+            (name.encode("ascii"), base64.b64encode(value).rstrip(b"=") if isinstance(value, bytes) else value.encode())
+            for name, value in metadata
+        ]
+        if self._ended or not self._connection.core.respond(self.stream_id, fields):
+            raise CallGone("the call has ended or its headers were sent")
+        self._connection.flush_soon()
 
     async def read(self) -> Any:
         """The next message, or grpc.aio.EOF once the client ended its side."""
@@ -90,6 +122,8 @@ class NativeCall:
         connection = self._connection
         connection.core.consumed(self.stream_id, len(payload) + 5)
         connection.flush_soon()
+        if connection.input_full:
+            connection.check_input()
         return payload
 
     async def write(self, payload: bytes) -> None:
@@ -145,7 +179,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.calls: dict[int, NativeCall] = {}
-        self.paused = False
+        self.paused = False  # our writes wait: the client does not read fast enough
+        self.input_full = False  # the calls' handlers have too much unread input
+        self._reading = True
         self._flush_handle: asyncio.Handle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None  # handshake, then closing
@@ -169,6 +205,9 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         core = self.core
         events = core.receive(data)
+        if core.unread > MAX_UNREAD_BYTES and not self.input_full:
+            self.input_full = True
+            self._update_reading()
         if self._deadline is not None and core.started and not self._closing:
             self._deadline.cancel()
             self._deadline = None
@@ -195,7 +234,7 @@ class _Connection(asyncio.Protocol):
             elif kind is ConnectionClosing:
                 self._closing = True
                 if event.code != h2_core.NO_ERROR:  # type: ignore[union-attr]
-                    log.warning("frontend connection error, closing peer=%s error=%s", self.peer, event.detail)  # type: ignore[union-attr]
+                    log.warning("%s connection error, closing peer=%s error=%s", self.server.name, self.peer, event.detail)  # type: ignore[union-attr]
                     self._flush()
                     self._abort_calls()
                     self._close()
@@ -219,15 +258,29 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.transport is not None and not self._lost:
-            self.transport.resume_reading()
+        self._update_reading()
         for call in list(self.calls.values()):
             call._wake_writer()
+
+    def check_input(self) -> None:
+        """Read the client again once its calls' unread input is down to half the bound."""
+        if self.input_full and self.core.unread <= MAX_UNREAD_BYTES // 2:
+            self.input_full = False
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """The client's input is read unless our writes wait or its calls have too much unread."""
+        wanted = not (self.paused or self.input_full)
+        if wanted != self._reading and self.transport is not None and not self._lost:
+            self._reading = wanted
+            if wanted:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -236,7 +289,12 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self.core.end_call(event.stream_id, h2_core.UNIMPLEMENTED, f"Method not found: {event.path}")
             return
-        call = NativeCall(self, event.stream_id)
+        try:
+            metadata = _metadata(event.fields)
+        except ValueError:  # binascii.Error: a -bin header that is not base64
+            self.core.end_call(event.stream_id, h2_core.INTERNAL, "a binary (-bin) header is not valid base64")
+            return
+        call = NativeCall(self, event.stream_id, metadata)
         self.calls[event.stream_id] = call
         call.task = task = asyncio.get_running_loop().create_task(
             self._run(call, handler, event.timeout), name=f"grpc-call {event.path} {self.peer}"
@@ -257,7 +315,7 @@ class _Connection(asyncio.Protocol):
             status = None  # abort() queued the status
         except TimeoutError:
             if timeout is None or not deadline.expired():
-                log.exception("frontend call failed peer=%s", self.peer)
+                log.exception("%s call failed peer=%s", self.server.name, self.peer)
                 status, message = h2_core.UNKNOWN, "Unexpected error in the proxy-server"
             else:
                 status, message = h2_core.DEADLINE_EXCEEDED, "Deadline Exceeded"
@@ -265,7 +323,7 @@ class _Connection(asyncio.Protocol):
             status = None  # the call or the connection is gone, or the server is stopping
             self.core.reset(call.stream_id)
         except Exception:
-            log.exception("frontend call failed peer=%s", self.peer)
+            log.exception("%s call failed peer=%s", self.server.name, self.peer)
             status, message = h2_core.UNKNOWN, "Unexpected error in the proxy-server"
         finally:
             call._end()
@@ -273,6 +331,7 @@ class _Connection(asyncio.Protocol):
             call.task = None
         if status is not None:
             self.core.end_call(call.stream_id, status, message)
+        self.check_input()  # the call's unread input is gone with it
         self.flush_soon()
         self._close_if_done()
 
@@ -283,7 +342,7 @@ class _Connection(asyncio.Protocol):
     def _cancel_call(self, stream_id: int, reason: str) -> None:
         call = self.calls.pop(stream_id, None)
         if call is not None:
-            log.debug("frontend call ended by the client peer=%s reason=%s", self.peer, reason)
+            log.debug("%s call ended by the client peer=%s reason=%s", self.server.name, self.peer, reason)
             call._end()
             if call.task is not None:
                 call.task.cancel()
@@ -330,8 +389,8 @@ class _Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._deadline = None
-        log.warning("frontend connection sent no HTTP/2 preface and SETTINGS in %.0fs, closing peer=%s",
-                    HANDSHAKE_SECONDS, self.peer)
+        log.warning("%s connection sent no HTTP/2 preface and SETTINGS in %.0fs, closing peer=%s",
+                    self.server.name, HANDSHAKE_SECONDS, self.peer)
         self.abort()
 
     def abort(self) -> None:
@@ -357,7 +416,7 @@ class _Connection(asyncio.Protocol):
 
     def _ping_lost(self) -> None:
         self._keepalive = None
-        log.warning("frontend connection did not answer a keepalive ping, closing peer=%s", self.peer)
+        log.warning("%s connection did not answer a keepalive ping, closing peer=%s", self.server.name, self.peer)
         self.abort()
 
 
@@ -376,7 +435,10 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
 class NativeGrpcServer:
     """Listeners for streaming gRPC calls; `stop` ends them like grpc.aio's server.stop."""
 
-    def __init__(self, handlers: Mapping[str, Handler], *, max_message_bytes: int, keepalive_time: float = 0.0) -> None:
+    def __init__(
+        self, handlers: Mapping[str, Handler], *, max_message_bytes: int, keepalive_time: float = 0.0, name: str = "grpc"
+    ) -> None:
+        self.name = name  # in log lines: "frontend", "agent port"
         self.handlers = dict(handlers)
         self.max_message_bytes = max_message_bytes
         self.keepalive_time = keepalive_time

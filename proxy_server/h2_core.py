@@ -47,8 +47,12 @@ MAX_WINDOW: Final = (1 << 31) - 1
 DEFAULT_FRAME_SIZE: Final = 16_384
 STREAM_WINDOW: Final = 1 << 20  # what one call may have in flight toward us
 CONNECTION_WINDOW: Final = 16 << 20
-MAX_HEADER_LIST_BYTES: Final = 16 << 10  # decoded, as grpc's absolute metadata limit
-MAX_HEADER_BLOCK_BYTES: Final = 64 << 10  # encoded, HEADERS + CONTINUATION
+# Request headers above MAX_HEADER_LIST_BYTES (decoded, counted as HPACK does) refuse their
+# call with RESOURCE_EXHAUSTED before any handler runs, as grpc's hard metadata limit does.
+# Up to MAX_HEADER_BLOCK_BYTES they are still decoded (the HPACK table must stay in step);
+# above that the connection ends.
+MAX_HEADER_LIST_BYTES: Final = 16 << 10
+MAX_HEADER_BLOCK_BYTES: Final = 2 << 20
 
 _FRAME_HEAD = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
 _SETTING = struct.Struct(">HI")
@@ -69,8 +73,9 @@ class H2Error(Exception):
 class CallStarted:
     stream_id: int
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # the last value of each name
     timeout: float | None
+    fields: list[tuple[str, str]]  # every header, in order
 
 
 @dataclass(slots=True)
@@ -140,7 +145,7 @@ def _percent_encode(text: str) -> bytes:
 
 class _Stream:
     __slots__ = ("extra", "have", "headers_sent", "id", "need", "parts", "pending", "pending_bytes", "recv_window",
-                 "remote_closed", "send_window", "trailers", "unacked", "waiting")
+                 "remote_closed", "send_window", "trailers", "unacked", "unread", "waiting")
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
@@ -156,6 +161,7 @@ class _Stream:
         # client in the order they were encoded.
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.extra = 0  # window granted beyond STREAM_WINDOW for a big message, not given back again
+        self.unread = 0  # DATA bytes received and not yet read by the handler
         self.headers_sent = False
         self.remote_closed = False
         self.waiting = False  # output waited for a window: say Drained when it is written
@@ -186,9 +192,12 @@ class ServerConnection:
         self._header_stream = 0
         self._header_end_stream = False
         self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = MAX_HEADER_LIST_BYTES
+        self._decoder.max_header_list_size = 2 * MAX_HEADER_BLOCK_BYTES
         self._encoder = hpack.Encoder()
         self._events: list[Event] = []
+        # DATA bytes received on live calls and not yet read by their handlers: the shell
+        # stops reading the connection above a bound, whatever the windows allow.
+        self.unread = 0
 
     # -- output --------------------------------------------------------------------------
 
@@ -220,11 +229,19 @@ class ServerConnection:
             chunk, rest = rest[:size], rest[size:]
             self._frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, chunk)
 
-    def _response_headers(self, stream: _Stream) -> None:
+    def _response_headers(self, stream: _Stream, metadata: list[tuple[bytes, bytes]] | None = None) -> None:
         if not stream.headers_sent:
             stream.headers_sent = True
-            block = self._encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")])
-            self._headers(stream.id, block, False)
+            fields = [(b":status", b"200"), (b"content-type", b"application/grpc"), *(metadata or ())]
+            self._headers(stream.id, self._encoder.encode(fields), False)
+
+    def respond(self, stream_id: int, metadata: list[tuple[bytes, bytes]]) -> bool:
+        """Send the response headers now, with `metadata` (once per call; False if too late)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.headers_sent:
+            return False
+        self._response_headers(stream, metadata)
+        return True
 
     def send_message(self, stream_id: int, payload: bytes) -> bool:
         """Queue one gRPC message; False if the call is gone. `pending(stream_id)` tells
@@ -273,9 +290,16 @@ class ServerConnection:
 
     def reset(self, stream_id: int, code: int = CANCEL) -> None:
         """Drop the call at once (the handler failed or was cancelled)."""
-        if self._streams.pop(stream_id, None) is not None:
-            self._blocked.pop(stream_id, None)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._forget(stream)
             self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+
+    def _forget(self, stream: _Stream) -> None:
+        del self._streams[stream.id]
+        self._blocked.pop(stream.id, None)
+        self.unread -= stream.unread
+        stream.unread = 0
 
     def ping(self) -> None:
         self._frame(PING, 0, 0, b"\x00" * 8)
@@ -323,8 +347,7 @@ class ServerConnection:
             self._out.extend(chunks)
         if stream.trailers is not None:
             self._headers(stream.id, self._encoder.encode(stream.trailers), True)
-            del self._streams[stream.id]
-            self._blocked.pop(stream.id, None)
+            self._forget(stream)
             if not stream.remote_closed:
                 self._frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR))
         if stream.waiting:  # a writer may still wait on it, even when the call is over
@@ -344,7 +367,12 @@ class ServerConnection:
     def consumed(self, stream_id: int, size: int) -> None:
         """The handler read a message of `size` bytes (prefix included): give the window back."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.remote_closed:
+        if stream is None:
+            return
+        read = min(size, stream.unread)
+        stream.unread -= read
+        self.unread -= read
+        if stream.remote_closed:
             return
         if stream.extra:  # what _make_room granted is not given back a second time
             taken = min(stream.extra, size)
@@ -432,8 +460,9 @@ class ServerConnection:
                 raise H2Error(PROTOCOL_ERROR if not stream_id else FRAME_SIZE_ERROR, "bad RST_STREAM")
             if stream_id > self._last_stream_id:
                 raise H2Error(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-            if self._streams.pop(stream_id, None) is not None:
-                self._blocked.pop(stream_id, None)
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                self._forget(stream)
                 self._events.append(CallEnded(stream_id, f"client reset the stream (code {_U32.unpack(payload)[0]})"))
         elif kind == GOAWAY:
             if stream_id or len(payload) < 8:
@@ -476,6 +505,8 @@ class ServerConnection:
         if stream.recv_window < 0:
             self._stream_error(stream, FLOW_CONTROL_ERROR, "client overran the stream window")
             return
+        stream.unread += size
+        self.unread += size
         data = self._unpad(flags, payload)
         if len(data) != size:
             self.consumed(stream_id, size - len(data))  # padding is never read by the handler
@@ -586,7 +617,7 @@ class ServerConnection:
             fields = self._decoder.decode(block, raw=True)
         except hpack.OversizedHeaderListError as exc:
             # The decoder stopped part way, so its table can no longer be trusted.
-            raise H2Error(ENHANCE_YOUR_CALM, "request headers exceed 16 KiB") from exc
+            raise H2Error(ENHANCE_YOUR_CALM, "request headers far too large") from exc
         except hpack.HPACKError as exc:
             raise H2Error(COMPRESSION_ERROR, f"bad header block: {exc}") from exc
         stream = self._streams.get(stream_id)
@@ -609,15 +640,19 @@ class ServerConnection:
             return
         stream = _Stream(stream_id, self._peer_initial_window)
         self._streams[stream_id] = stream
-        headers: dict[str, str] = {}
-        for name, value in fields:
-            headers[name.decode("latin-1")] = value.decode("latin-1")
+        size = sum(len(name) + len(value) + 32 for name, value in fields)
+        if size > MAX_HEADER_LIST_BYTES:
+            self.end_call(stream_id, RESOURCE_EXHAUSTED,
+                          f"received metadata size exceeds hard limit ({size} vs. {MAX_HEADER_LIST_BYTES})")
+            return
+        decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in fields]
+        headers = dict(decoded)
         problem = self._check_request(headers)
         if problem:
             self.end_call(stream_id, *problem)
             return
         timeout = parse_timeout(headers["grpc-timeout"]) if "grpc-timeout" in headers else None
-        self._events.append(CallStarted(stream_id, headers[":path"], headers, timeout))
+        self._events.append(CallStarted(stream_id, headers[":path"], headers, timeout, decoded))
         if end_stream:
             self._half_close(stream)
 

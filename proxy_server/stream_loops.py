@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import grpc.aio
-
 from proxy_common.errors import TunnelClosed
 from proxy_common.messages import Message
 from proxy_common.streams import ServerStream, next_outgoing
+from proxy_server.grpc_native import CallGone
 from proxy_server.metrics import ServerMetrics
 from proxy_server.switchboard import Link
 
@@ -35,6 +34,6 @@ async def write_to_agent(stream: ServerStream, link: Link, metrics: ServerMetric
     while (message := await next_outgoing(link.mailbox)) is not None:
         try:
             await stream.send(message)
-        except grpc.aio.BaseError:  # the agent went away while we wrote: nothing left to write to
+        except CallGone:  # the agent went away while we wrote: nothing left to write to
             metrics.send_failed("to_agent", message)
             return

@@ -242,6 +242,13 @@ class Switchboard:
             self.router.from_agent(backend_id, message), own_stream=own_stream, service_method=service_method
         )
         if type(message) is not Data:
+            if own_stream and type(message) is CloseResponse:
+                # The agent's last word on this connection: end its stream from our side too,
+                # rather than wait for the agent's half-close (a client whose call failed
+                # locally never sends one, and its stream would stay open).
+                link = self.connection_links.get((backend_id, message.conn_id))
+                if link is not None:
+                    link.mailbox.close()
             self._update_backend_gauges()
 
     # ----------------------------------------------------------------- execution

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import hpack
 import pytest
 
 from proxy_server import grpc_native
@@ -196,3 +197,73 @@ async def test_request_headers_never_reach_the_logs(
             call = ch.stream_stream("/T/Hi")(metadata=(("authorization", "Bearer secret-token-value"),))
             assert await asyncio.wait_for(call.read(), 5) == b"hi"
     assert "secret-token-value" not in caplog.text
+
+
+async def test_input_the_handlers_have_not_read_is_bounded_per_connection(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls whose handlers do not read yet (an agent port still checking a token) cannot make
+    the server buffer more than about MAX_UNREAD_BYTES of a connection's input: reading stops,
+    and resumes once the handlers catch up; nothing is lost."""
+    monkeypatch.setattr(grpc_native, "MAX_UNREAD_BYTES", 256 << 10)
+    go = asyncio.Event()
+
+    async def late_reader(_requests: Any, call: NativeCall) -> None:
+        await go.wait()
+        total = 0
+        while (message := await call.read()) is not grpc.aio.EOF:
+            total += len(message)
+        await call.write(str(total).encode())
+
+    server = NativeGrpcServer({"/T/Late": late_reader}, max_message_bytes=1 << 20)
+    path = str(short_tmp / "late.sock")
+    await server.listen_unix(bind_unix(path, 0o600))
+    try:
+        async with channel(path) as ch:
+            calls = [ch.stream_stream("/T/Late")() for _ in range(4)]
+
+            async def send(call: Any) -> None:
+                for _ in range(40):  # 640 KB per call, 2.5 MB in all: ten times the bound
+                    await call.write(CHUNK)
+                await call.done_writing()
+
+            senders = asyncio.gather(*(send(call) for call in calls))
+            await wait_for(lambda: any(c.input_full for c in server.connections), what="reading paused")
+            [connection] = server.connections
+            assert connection.core.unread <= (256 << 10) + (256 << 10)  # the bound plus one socket read
+            go.set()
+            await asyncio.wait_for(senders, 10)
+            answers = [await asyncio.wait_for(call.read(), 10) for call in calls]
+            assert answers == [str(40 * len(CHUNK)).encode()] * 4
+            assert not connection.input_full and connection.core.unread == 0
+    finally:
+        await server.stop(0)
+
+
+async def test_a_binary_header_that_is_not_base64_fails_only_its_call(served: tuple[NativeGrpcServer, Handlers, str]) -> None:
+    _server, _handlers, path = served
+    reader, writer = await asyncio.open_unix_connection(path)
+    encoder, decoder = hpack.Encoder(), hpack.Decoder()
+    request = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/T/Hi"), (b":authority", b"x"),
+               (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+    try:
+        writer.write(h2.PREFACE + frame(h2.SETTINGS, 0, 0)
+                     + frame(h2.HEADERS, h2.END_HEADERS, 1, encoder.encode([*request, (b"x-bin", b"abcde")]))
+                     + frame(h2.HEADERS, h2.END_HEADERS, 3, encoder.encode(request)))
+        statuses: dict[int, str] = {}
+        hi = b""
+        async with asyncio.timeout(5):
+            while len(statuses) < 1 or not hi:
+                head = await reader.readexactly(9)
+                length_type, _flags, stream_id = struct.unpack(">IBI", head)
+                payload = await reader.readexactly(length_type >> 8)
+                if length_type & 0xFF == h2.HEADERS:
+                    fields = dict(decoder.decode(payload, raw=True))
+                    if b"grpc-status" in fields:
+                        statuses[stream_id] = fields[b"grpc-status"].decode()
+                elif length_type & 0xFF == h2.DATA and stream_id == 3:
+                    hi += payload
+        assert statuses[1] == "13"
+        assert hi[5:] == b"hi"  # the other call on the connection was served
+    finally:
+        writer.close()

@@ -646,12 +646,9 @@ async def test_tls_client_certificate_from_another_ca_is_refused(
             await shut(writer)
 
 
-async def test_cipher_suites_limit_the_tls12_suites(
-    pki: DemoPki, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_cipher_suites_limit_the_tls12_suites(pki: DemoPki, short_tmp: Path) -> None:
     """--cipher-suites applies to the TCP frontend as to the reference's (TLS 1.2 suites only)."""
     allowed, other = "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256"
-    monkeypatch.setenv("GRPC_SSL_CIPHER_SUITES", allowed)  # what the CLI sets before grpc is imported
     async with http_connect_stack(
         pki, short_tmp, "tls", cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",)
     ) as (stack, access):

@@ -247,12 +247,25 @@ async def test_cipher_suites_restrict_tls_1_2_and_leave_tls_1_3(pki: DemoPki, sh
     assert tls13[0] == "TLSv1.3"
 
 
-async def test_cipher_suites_cannot_be_applied_once_grpc_is_loaded(pki: DemoPki, short_tmp: Path) -> None:
-    from proxy_common.errors import ConfigError
-
-    server = Stack(pki, short_tmp, cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",)).server
+async def test_an_in_process_server_applies_cipher_suites_and_the_tls13_minimum(pki: DemoPki, short_tmp: Path) -> None:
+    """The agent port's TLS is Python's ssl: no process-wide setting, so a server started
+    without the CLI honours --cipher-suites and --tls-min-version=VersionTLS13 too."""
+    tls12 = ssl.TLSVersion.TLSv1_2
+    (short_tmp / "a").mkdir()
+    (short_tmp / "b").mkdir()
+    limited = await Stack(pki, short_tmp / "a", cipher_suites=("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",)).start()
     try:
-        with pytest.raises(ConfigError, match="applies process-wide"):
-            await server.start()
+        port = limited.server.agent_port
+        assert (await asyncio.to_thread(handshake, port, pki.ca_cert, version=tls12,
+                                        ciphers="ECDHE-ECDSA-AES128-GCM-SHA256"))[0] == "refused"
+        assert await asyncio.to_thread(handshake, port, pki.ca_cert, version=tls12,
+                                       ciphers="ECDHE-ECDSA-AES256-GCM-SHA384") == ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384")
     finally:
-        await server.stop(0)
+        await limited.stop()
+    modern = await Stack(pki, short_tmp / "b", tls_min_version="VersionTLS13").start()
+    try:
+        port = modern.server.agent_port
+        assert (await asyncio.to_thread(handshake, port, pki.ca_cert, version=tls12))[0] == "refused"
+        assert (await asyncio.to_thread(handshake, port, pki.ca_cert, version=ssl.TLSVersion.TLSv1_3))[0] == "TLSv1.3"
+    finally:
+        await modern.stop()

@@ -256,13 +256,14 @@ def test_weak_or_unknown_cipher_suites_are_refused(suite: str) -> None:
     assert any(suite in p and "weak or unknown" in p for p in problems(cipher_suites=(suite,)))
 
 
-def test_only_tls13_suites_cannot_be_honoured() -> None:
+def test_only_tls13_suites_need_the_tls13_minimum() -> None:
     assert any("only TLS 1.3" in p for p in problems(cipher_suites=("TLS_AES_128_GCM_SHA256",)))
+    assert not any("cipher" in p for p in problems(cipher_suites=("TLS_AES_128_GCM_SHA256",), tls_min_version="VersionTLS13"))
 
 
-def test_tls13_minimum_is_refused_clearly_because_grpcio_cannot_enforce_it() -> None:
-    assert any("VersionTLS13 cannot be honoured" in p for p in problems(tls_min_version="VersionTLS13"))
-    assert not any("tls-min-version" in p for p in problems(tls_min_version="VersionTLS12"))
+def test_tls13_and_tls12_minimums_are_accepted() -> None:
+    for version in ("VersionTLS12", "VersionTLS13"):
+        assert not any("tls-min-version" in p for p in problems(tls_min_version=version))
 
 
 def test_every_mapped_suite_is_an_aead_or_cbc_sha_suite_with_no_weak_algorithm() -> None:

@@ -53,8 +53,14 @@ class Peer:
         return self.conn.receive(data)
 
     def start(self, stream_id: int = 1, headers: list[tuple[bytes, bytes]] = REQUEST, end_stream: bool = False) -> list[h2.Event]:
-        flags = h2.END_HEADERS | (h2.END_STREAM if end_stream else 0)
-        return self.send(frame(h2.HEADERS, flags, stream_id, self.encoder.encode(headers)))
+        block = self.encoder.encode(headers)
+        pieces = [block[i:i + 16_384] for i in range(0, len(block), 16_384)]
+        end = h2.END_STREAM if end_stream else 0
+        if len(pieces) == 1:
+            return self.send(frame(h2.HEADERS, h2.END_HEADERS | end, stream_id, block))
+        data = frame(h2.HEADERS, end, stream_id, pieces[0])
+        data += b"".join(frame(h2.CONTINUATION, 0, stream_id, piece) for piece in pieces[1:-1])
+        return self.send(data + frame(h2.CONTINUATION, h2.END_HEADERS, stream_id, pieces[-1]))
 
     def read(self) -> list[tuple[int, int, int, object]]:
         """(type, flags, stream, payload: bytes, or decoded headers for HEADERS)."""
@@ -286,3 +292,27 @@ def test_a_second_request_head_breaks_only_its_own_call() -> None:
     assert peer.read() == [(h2.RST_STREAM, 0, 1, struct.pack(">I", h2.PROTOCOL_ERROR))]
     [got] = peer.send(frame(h2.DATA, 0, 3, message(b"still here")))
     assert isinstance(got, MessageReceived) and got.payload == b"still here"
+
+
+def test_oversized_metadata_refuses_only_its_call() -> None:
+    """Above 16 KiB of request headers the call gets RESOURCE_EXHAUSTED before any handler;
+    the headers are still decoded, so the connection's HPACK state stays in step."""
+    peer = Peer()
+    assert peer.start(1, headers=[*REQUEST, (b"authorization", b"Bearer " + b"y" * (20 << 10))]) == []
+    trailers = next(p for kind, _, _, p in peer.read() if kind == h2.HEADERS)
+    assert trailers["grpc-status"] == "8" and "metadata size exceeds hard limit" in trailers["grpc-message"]  # type: ignore[index]
+    [started] = peer.start(3)
+    assert isinstance(started, CallStarted) and ("user-agent", "test-client grpc-go/1.83.0") in started.fields
+
+
+def test_response_headers_with_metadata_go_out_at_once_and_only_once() -> None:
+    peer = Peer()
+    peer.start()
+    peer.read()
+    assert peer.conn.respond(1, [(b"serverid", b"s1"), (b"servercount", b"2")])
+    assert not peer.conn.respond(1, [])
+    [(kind, flags, _, headers)] = peer.read()
+    assert kind == h2.HEADERS and not flags & h2.END_STREAM
+    assert headers == {":status": "200", "content-type": "application/grpc", "serverid": "s1", "servercount": "2"}
+    peer.conn.send_message(1, b"x")
+    assert [f[0] for f in peer.read()] == [h2.DATA]  # no second HEADERS
