@@ -49,9 +49,9 @@ CLOSE_SECONDS = 5.0  # a closing connection whose client does not read its last 
 # Per connection: above this many bytes unsent, writers wait and the client's input is not
 # read (a client that sends PINGs but never reads their answers cannot grow our buffers).
 WRITE_BUFFER_HIGH = 1 << 20
-# Per connection: above this many bytes received and not yet read by the calls' handlers
-# (say, calls still waiting for their authentication), the client's input is not read until
-# the handlers have caught up to half of it.
+# Per connection: above this many bytes received for calls whose handlers have not read yet
+# (calls still waiting for their authentication), the client's input is not read until
+# they have caught up to half of it. Calls that read are bounded by their stream windows.
 MAX_UNREAD_BYTES = 32 << 20
 
 

@@ -144,7 +144,7 @@ def _percent_encode(text: str) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("extra", "have", "headers_sent", "id", "need", "parts", "pending", "pending_bytes", "recv_window",
+    __slots__ = ("extra", "have", "headers_sent", "id", "need", "parts", "pending", "pending_bytes", "reading", "recv_window",
                  "remote_closed", "send_window", "trailers", "unacked", "unread", "waiting")
 
     def __init__(self, stream_id: int, send_window: int) -> None:
@@ -161,7 +161,8 @@ class _Stream:
         # client in the order they were encoded.
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.extra = 0  # window granted beyond STREAM_WINDOW for a big message, not given back again
-        self.unread = 0  # DATA bytes received and not yet read by the handler
+        self.unread = 0  # DATA bytes received before the handler's first read
+        self.reading = False  # the handler has read: its stream window alone bounds its input
         self.headers_sent = False
         self.remote_closed = False
         self.waiting = False  # output waited for a window: say Drained when it is written
@@ -195,8 +196,10 @@ class ServerConnection:
         self._decoder.max_header_list_size = 2 * MAX_HEADER_BLOCK_BYTES
         self._encoder = hpack.Encoder()
         self._events: list[Event] = []
-        # DATA bytes received on live calls and not yet read by their handlers: the shell
-        # stops reading the connection above a bound, whatever the windows allow.
+        # DATA bytes received on calls whose handlers have not read yet (say, an agent port
+        # still checking a token): the shell stops reading the connection above a bound.
+        # Calls that read are left out: their stream window bounds them, and a few slow
+        # readers must not stop the connection's other calls.
         self.unread = 0
 
     # -- output --------------------------------------------------------------------------
@@ -286,6 +289,8 @@ class ServerConnection:
             stream.headers_sent = True
             fields = [(b":status", b"200"), (b"content-type", b"application/grpc"), *fields]
         stream.trailers = fields
+        self.unread -= stream.unread  # its handler is done: what it left unread is not waited for
+        stream.unread = 0
         self._flush(stream)
 
     def reset(self, stream_id: int, code: int = CANCEL) -> None:
@@ -369,9 +374,10 @@ class ServerConnection:
         stream = self._streams.get(stream_id)
         if stream is None:
             return
-        read = min(size, stream.unread)
-        stream.unread -= read
-        self.unread -= read
+        if not stream.reading:
+            stream.reading = True
+            self.unread -= stream.unread
+            stream.unread = 0
         if stream.remote_closed:
             return
         if stream.extra:  # what _make_room granted is not given back a second time
@@ -505,8 +511,9 @@ class ServerConnection:
         if stream.recv_window < 0:
             self._stream_error(stream, FLOW_CONTROL_ERROR, "client overran the stream window")
             return
-        stream.unread += size
-        self.unread += size
+        if not stream.reading and stream.trailers is None:
+            stream.unread += size
+            self.unread += size
         data = self._unpad(flags, payload)
         if len(data) != size:
             self.consumed(stream_id, size - len(data))  # padding is never read by the handler

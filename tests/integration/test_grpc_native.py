@@ -267,3 +267,42 @@ async def test_a_binary_header_that_is_not_base64_fails_only_its_call(served: tu
         assert hi[5:] == b"hi"  # the other call on the connection was served
     finally:
         writer.close()
+
+
+async def test_calls_that_read_slowly_never_stop_the_connection(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stalled readers (a tunnel whose client stopped reading) are bounded by their stream
+    windows alone: however many there are, the connection's other calls go on."""
+    monkeypatch.setattr(grpc_native, "MAX_UNREAD_BYTES", 256 << 10)
+    release = asyncio.Event()
+
+    async def stalls_after_one(_requests: Any, call: NativeCall) -> None:
+        await call.read()
+        await release.wait()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    async def echo(_requests: Any, call: NativeCall) -> None:
+        while (message := await call.read()) is not grpc.aio.EOF:
+            await call.write(message)
+
+    server = NativeGrpcServer({"/T/Stall": stalls_after_one, "/T/Echo": echo}, max_message_bytes=1 << 20)
+    path = str(short_tmp / "stall.sock")
+    await server.listen_unix(bind_unix(path, 0o600))
+    try:
+        async with channel(path) as ch:
+            stalled = [ch.stream_stream("/T/Stall")() for _ in range(4)]
+            for call in stalled:
+                for _ in range(40):  # 640 KB each, 2.5 MB in all: ten times the bound
+                    await asyncio.wait_for(call.write(CHUNK), 5)
+            [connection] = server.connections
+            await wait_for(lambda: sum(s.recv_window for s in connection.core._streams.values()) < 4 << 20,
+                           what="the stalled calls' input to arrive")
+            assert not connection.input_full
+            echo_call = ch.stream_stream("/T/Echo")()
+            await echo_call.write(b"still here")
+            assert await asyncio.wait_for(echo_call.read(), 5) == b"still here"
+            release.set()
+            for call in [*stalled, echo_call]:
+                await call.done_writing()
+    finally:
+        await server.stop(0)

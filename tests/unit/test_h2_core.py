@@ -316,3 +316,22 @@ def test_response_headers_with_metadata_go_out_at_once_and_only_once() -> None:
     assert headers == {":status": "200", "content-type": "application/grpc", "serverid": "s1", "servercount": "2"}
     peer.conn.send_message(1, b"x")
     assert [f[0] for f in peer.read()] == [h2.DATA]  # no second HEADERS
+
+
+def test_unread_input_counts_only_calls_whose_handlers_have_not_read_yet() -> None:
+    """A handler that reads is bounded by its stream window; counting its input too would let
+    a few slow readers stop the whole connection."""
+    peer = Peer(window=10)
+    peer.start(1)
+    peer.start(3)
+    peer.send(frame(h2.DATA, 0, 1, message(b"a" * 100)) + frame(h2.DATA, 0, 3, message(b"b" * 50) + message(b"c")))
+    assert peer.conn.unread == 166
+    peer.conn.consumed(3, 55)  # call 3 read one message: none of its input counts any more
+    assert peer.conn.unread == 105
+    peer.send(frame(h2.DATA, 0, 3, message(b"d" * 1000)))
+    assert peer.conn.unread == 105
+    peer.conn.send_message(1, b"x" * 100)  # waits for the client's window...
+    peer.conn.end_call(1, h2.OK)  # ...so call 1 stays in the connection, its input unread
+    assert peer.conn.unread == 0 and peer.conn.calls == 2
+    peer.send(frame(h2.DATA, 0, 1, message(b"late")))
+    assert peer.conn.unread == 0
