@@ -636,3 +636,36 @@ async def test_a_close_while_the_agent_writes_on_the_own_stream_is_answered_on_i
     assert server_metric(stack.server, "closed_connections_total", reason="agent_closed") == 1
     assert server_metric(stack.server, "closed_connections_total", reason="stream_lost") == 0
     await assert_tables_empty(stack)
+
+
+async def _own_stream_for(stack: Stack, channel: grpc.aio.Channel, shared: ClientStream, token: str,
+                          conn_id: int) -> tuple[Any, ClientStream]:
+    """Move connection `conn_id` onto a stream of its own, as our agent does."""
+    own_call = channel.stream_stream(FLOW_METHOD)(metadata=((metadata.SESSION, token),))
+    own = ClientStream(own_call)
+    await shared.send(OwnStream(conn_id))
+    await own.send(OwnStream(conn_id))
+    assert await receive(shared) == OwnStream(conn_id)
+    await wait_for(lambda: any(k[1] == conn_id for k in stack.server.board.connection_links), what="own link")
+    return own_call, own
+
+
+async def test_the_server_ends_an_own_stream_once_its_close_response_came(stack: Stack) -> None:
+    """A grpc.aio agent whose call failed locally after its CLOSE_RSP never half-closes: the
+    server must not wait for that, or the stream stays open (a churn test found it)."""
+    async with raw_flow_agent(stack) as (channel, shared, token):
+        await wait_for(lambda: stack.server.registry.is_ready(), what="agent registered")
+        tunnel = await dial_through(stack, shared)
+        own_call, own = await _own_stream_for(stack, channel, shared, token, 1)
+        try:
+            await own.send(CloseResponse(1))
+            with pytest.raises(TunnelClosed):  # the server's end, though we never half-closed
+                await receive(own)
+            async with asyncio.timeout(5):
+                assert await tunnel.receive() == b""
+            await tunnel.aclose()
+            await wait_for(lambda: stack.server.router.is_empty() and not stack.server.board.connection_links,
+                           what="server tables empty")
+        finally:
+            own_call.cancel()
+
