@@ -100,10 +100,17 @@ class PacketStream(Protocol):
     async def receive(self) -> Message: ...
 
 
-class ServerStream:
-    """One stream seen from the servicer side (a grpc.aio ServicerContext)."""
+class ServicerContext(Protocol):
+    """What ServerStream needs of a call: grpc.aio's ServicerContext, or proxy-server's own."""
 
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def read(self) -> Any: ...
+    async def write(self, message: Any) -> None: ...
+
+
+class ServerStream:
+    """One stream seen from the servicer side."""
+
+    def __init__(self, context: ServicerContext | grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
 
     async def receive(self) -> Message:
@@ -114,9 +121,6 @@ class ServerStream:
 
     async def send(self, message: Message) -> None:
         await self._context.write(wire.encode(message))
-
-    async def send_raw(self, raw: bytes) -> None:
-        await self._context.write(raw)
 
 
 class ClientStream:

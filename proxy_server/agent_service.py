@@ -90,7 +90,7 @@ class AgentServicer:
             self.board.flow_sessions[flow_token] = backend_id
         metrics.grpc_connections.labels("Connect").inc()
         log.info("agent connected %s backend_id=%d", label, backend_id)
-        stream = ServerStream(context)  # type: ignore[arg-type]  # NativeCall has what it uses
+        stream = ServerStream(context)
         try:
             await race(
                 read_into(stream, partial(self.board.from_agent, backend_id, service_method="Connect")),

@@ -26,10 +26,11 @@ from proxy_server.connection_service import SERVICE as CONNECTION_SERVICE
 from proxy_server.connection_service import ConnectionServicer
 from proxy_server.frontend_service import ProxyServicer
 from proxy_server.grpc_native import NativeGrpcServer
-from proxy_server.http_connect import HttpConnectFrontend, bind_unix, frontend_tls_context
+from proxy_server.http_connect import HttpConnectFrontend, bind_unix
 from proxy_server.metrics import ServerMetrics
 from proxy_server.router import Router
 from proxy_server.switchboard import Switchboard
+from proxy_server.tls import server_tls_context
 
 log = logging.getLogger("proxy_server")
 
@@ -154,8 +155,8 @@ class ProxyServer:
             {CONNECT_METHOD: agents.connect, f"/{CONNECTION_SERVICE}/Stream": ConnectionServicer(self.board).stream},
             max_message_bytes=MAX_MESSAGE_BYTES, keepalive_time=c.keepalive_time, name="agent port",
         )
-        tls = frontend_tls_context(c.cluster_cert, c.cluster_key, c.cluster_ca_cert or None, c.tls_min_version,
-                                   c.openssl_cipher_list())
+        tls = server_tls_context(c.cluster_cert, c.cluster_key, c.cluster_ca_cert or None, c.tls_min_version,
+                                 c.openssl_cipher_list(), alpn="h2")
         self.agent_port = await server.listen_tcp(c.agent_bind_address, c.agent_port, tls)
         self._agent_server = server
         log.info("agent port listening address=%s mtls=%s", grpc_address(c.agent_bind_address, self.agent_port),
@@ -180,16 +181,16 @@ class ProxyServer:
             self._uds_created = True
             log.info("frontend listening mode=grpc uds=%s", c.uds_name)
         else:
-            tls = frontend_tls_context(
-                c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version, c.openssl_cipher_list()
+            tls = server_tls_context(
+                c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version, c.openssl_cipher_list(), alpn="h2"
             )
             self.frontend_port = await server.listen_tcp(c.server_bind_address, c.server_port, tls)
             log.info("frontend listening mode=grpc address=%s mtls=true", grpc_address(c.server_bind_address, self.frontend_port))
 
     async def _start_http_connect_frontend(self) -> None:
         c = self.config
-        tls = None if c.uds_name else frontend_tls_context(
-            c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version, c.openssl_cipher_list()
+        tls = None if c.uds_name else server_tls_context(
+            c.server_cert, c.server_key, c.server_ca_cert, c.tls_min_version, c.openssl_cipher_list(), alpn="http/1.1"
         )
         self._http = HttpConnectFrontend(
             self.board, header_timeout=c.frontend_header_timeout, tls=tls, stall_limit=c.overflow_wait

@@ -52,7 +52,7 @@ class ConnectionServicer:
         # write cut short by the stream's end, and grpc would then refuse the final status
         # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, logged as an error: ~5% of a churn test's streams).
         await context.send_initial_metadata(())
-        stream = ServerStream(context)  # type: ignore[arg-type]  # NativeCall has what it uses
+        stream = ServerStream(context)
         try:
             async with asyncio.timeout(FIRST_PACKET_SECONDS):
                 first = await stream.receive()

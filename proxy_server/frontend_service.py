@@ -88,7 +88,7 @@ class ProxyServicer:
         metrics = board.metrics
         frontend_id, link = board.open_frontend(f"proxy-stream peer={context.peer()}")
         metrics.grpc_connections.labels("Proxy").inc()
-        frontend = _Frontend(self, ServerStream(context), link)  # type: ignore[arg-type]  # NativeCall has what it uses
+        frontend = _Frontend(self, ServerStream(context), link)
         link.mailbox.when_unattended = frontend.start_writer
         try:
             async with asyncio.timeout(None) as deadline:

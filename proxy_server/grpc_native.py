@@ -454,7 +454,7 @@ class NativeGrpcServer:
         self._listeners.append(await loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=4096))
 
     async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext) -> int:
-        tls.set_alpn_protocols(["h2"])
+        """Serve TLS on `host`:`port` (0: any free port, returned); `tls` must offer ALPN h2."""
         loop = asyncio.get_running_loop()
         listener = await loop.create_server(lambda: _Connection(self), host or None, port, ssl=tls, backlog=4096)
         self._listeners.append(listener)

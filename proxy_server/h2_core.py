@@ -73,7 +73,6 @@ class H2Error(Exception):
 class CallStarted:
     stream_id: int
     path: str
-    headers: dict[str, str]  # the last value of each name
     timeout: float | None
     fields: list[tuple[str, str]]  # every header, in order
 
@@ -659,7 +658,7 @@ class ServerConnection:
             self.end_call(stream_id, *problem)
             return
         timeout = parse_timeout(headers["grpc-timeout"]) if "grpc-timeout" in headers else None
-        self._events.append(CallStarted(stream_id, headers[":path"], headers, timeout, decoded))
+        self._events.append(CallStarted(stream_id, headers[":path"], timeout, decoded))
         if end_stream:
             self._half_close(stream)
 

@@ -62,29 +62,6 @@ class _Refused(Exception):
         self.answer = answer
 
 
-# TLS 1.2 suites offered when --cipher-suites is not given: forward-secret AEAD suites only,
-# as grpc's default list and Go's secure defaults (no CBC suites).
-DEFAULT_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-def frontend_tls_context(
-    cert: str, key: str, ca: str | None, tls_min_version: str = "", ciphers: str = ""
-) -> ssl.SSLContext:
-    """TLS for a TCP listener: client certificates signed by `ca` required (none asked for
-    when `ca` is None), ALPN HTTP/1.1 (the gRPC listeners change it to h2).
-    `ciphers` (an OpenSSL list, from --cipher-suites) limits the TLS 1.2 suites, as the
-    reference's --cipher-suites does; TLS 1.3 suites are always on, as in Go."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls_min_version == "VersionTLS13" else ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(ciphers or DEFAULT_TLS12_CIPHERS)
-    context.load_cert_chain(cert, key)
-    if ca is not None:
-        context.load_verify_locations(cafile=ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
 def bind_unix(path: str, mode: int) -> socket.socket:
     """A listening-ready Unix socket at `path` created with `mode` (never wider, not even briefly)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -89,7 +89,7 @@ def test_handshake_and_a_go_clients_request() -> None:
     [started] = peer.start()
     assert isinstance(started, CallStarted)
     assert started.path == "/ProxyService/Proxy" and started.timeout is None
-    assert started.headers["user-agent"] == "test-client grpc-go/1.83.0"
+    assert dict(started.fields)["user-agent"] == "test-client grpc-go/1.83.0"
 
 
 def test_messages_cut_out_of_any_split_of_the_bytes() -> None:
